@@ -1,0 +1,70 @@
+"""Shared fixtures: a small generated Sudoku dataset and a tiny run config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_MODEL = {
+    "hidden_size": 32, "num_heads": 2, "expansion": 2, "H_cycles": 2, "L_cycles": 2, "L_layers": 1,
+    "halt_max_steps": 4, "mlp_t": True, "pos_encodings": "none", "puzzle_emb_len": 2,
+    "puzzle_emb_ndim": 32, "forward_dtype": "float32",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def sudoku_dir(tmp_path_factory) -> Path:
+    """40 train puzzles (+1 stored augmentation each) and 12 test puzzles, 30-45 blanks."""
+    from trm.data.sudoku import build_sudoku
+
+    out = tmp_path_factory.mktemp("data") / "sudoku"
+    build_sudoku(out, train_puzzles=40, test_puzzles=12, aug=1, seed=3, min_blanks=30, max_blanks=45, workers=1)
+    return out
+
+
+def write_config(path: Path, run_dir: Path, data_dir: Path, train: dict | None = None, model: dict | None = None, extra: str = "") -> Path:
+    """A tiny run config (YAML) for fast CPU tests."""
+    import yaml
+
+    train_cfg = {
+        "max_steps": 6, "global_batch_size": 8, "lr": 1e-3, "lr_warmup_steps": 2, "weight_decay": 0.1,
+        "puzzle_emb_lr": 1e-2, "eval_interval": 3, "checkpoint_interval": 3, "log_interval": 1,
+        "progress_bar": False, "ema_rate": 0.9, "keep_last": 2,
+    }
+    train_cfg.update(train or {})
+    cfg = {
+        "run_dir": str(run_dir), "seed": 7, "device": "cpu",
+        "model": {**TINY_MODEL, **(model or {})},
+        "data": {"path": str(data_dir), "augment": "sudoku", "eval_max_examples": 8},
+        "train": train_cfg,
+    }
+    path.write_text(yaml.safe_dump(cfg) + extra)
+    return path
+
+
+def run_train(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m trm.train ARGS`` in a subprocess (one process, CPU, two threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-m", "trm.train", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trm.train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc

@@ -1,0 +1,197 @@
+"""The trainer end to end: outputs, checkpoints, modes, exact resume after kill -9, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_train, write_config
+from trm.train import find_latest_checkpoint
+from trm.train import checkpoint as ckpt
+
+VOLATILE = {"time", "train/examples_per_s"}
+
+
+def _load_any(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _flat(tree, prefix=""):
+    """Flatten nested dicts/lists of tensors and scalars into {dotted_key: value}."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            out.update(_flat(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = tree
+    return out
+
+
+def _assert_identical(a, b, what: str):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys(), f"{what}: different keys {set(fa) ^ set(fb)}"
+    for key in fa:
+        va, vb = fa[key], fb[key]
+        if isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype and torch.equal(va, vb), f"{what}: tensor {key} differs"
+        else:
+            assert va == vb, f"{what}: {key} differs ({va!r} vs {vb!r})"
+
+
+def _checkpoint_state(path: Path) -> dict:
+    """Everything a checkpoint holds: DeepSpeed module + optimizer, our trainer state, rank state."""
+    ds = _load_any(path / "deepspeed" / "mp_rank_00_model_states.pt")
+    return {
+        "module": ds["module"],
+        "optimizer": ds["optimizer"]["state"] if ds.get("optimizer") else None,
+        "trainer": _load_any(path / "trainer_state.pt"),
+        "rank0": _load_any(path / "rank_0.pt"),
+    }
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in VOLATILE} for row in rows]
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_config(tmp_path, sudoku_dir):
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", run_dir, sudoku_dir)
+    proc = run_train(str(cfg))
+    assert "final evaluation" in proc.stdout
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/lm_loss" in r]
+    eval_rows = [r for r in rows if "eval/exact_accuracy" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in eval_rows] == [3, 6]
+    for r in eval_rows:
+        assert 0.0 <= r["eval/exact_accuracy"] <= 1.0 and 0.0 <= r["eval/token_accuracy"] <= 1.0
+        assert r["eval/count"] == 8
+        assert 1.0 <= r["eval/early_exit/steps"] <= 4.0
+    assert all(r["train/lm_loss"] > 0 for r in train_rows)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
+
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "max_steps: 6" in resolved and "zero_stage: 0" in resolved  # defaults filled in
+    latest = find_latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == "step_6" and ckpt.is_complete(latest)
+    assert (latest / "deepspeed").is_dir() and (latest / "config.yaml").is_file()
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3, 6]
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, sudoku_dir):
+    """3N steps straight == N steps, kill -9, resume to 3N: params, optimizer, EMA, carry, metrics."""
+    train = {"max_steps": 12, "checkpoint_interval": 4, "eval_interval": 4}
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    run_train(str(write_config(tmp_path / "a.yaml", straight_dir, sudoku_dir, train)))
+
+    cfg_b = write_config(tmp_path / "b.yaml", killed_dir, sudoku_dir, train)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg_b)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not ckpt.is_complete(ckpt.step_dir(killed_dir, 4)):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint within the deadline"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    latest = find_latest_checkpoint(killed_dir)
+    assert latest is not None and latest.name != "step_12", "the kill came too late to test anything"
+
+    run_train(str(cfg_b), "mode=resume")
+    a, b = ckpt.step_dir(straight_dir, 12), ckpt.step_dir(killed_dir, 12)
+    _assert_identical(_checkpoint_state(a), _checkpoint_state(b), "final checkpoint")
+    assert _metrics(straight_dir) == _metrics(killed_dir)
+
+
+def test_mode_new_refuses_existing_checkpoints_and_auto_resumes(tmp_path, sudoku_dir):
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", run_dir, sudoku_dir, {"max_steps": 3})
+    run_train(str(cfg))
+    again = run_train(str(cfg), check=False)
+    assert again.returncode == 2
+    assert "already has checkpoints" in again.stderr and "Traceback" not in again.stderr
+
+    longer = run_train(str(cfg), "mode=auto", "train.max_steps=5")
+    assert "final evaluation" in longer.stdout
+    assert find_latest_checkpoint(run_dir).name == "step_5"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train/lm_loss" in line]
+    assert steps == [1, 2, 3, 4, 5]  # resumed at 3, nothing repeated
+
+
+def test_mode_resume_without_checkpoint_is_a_clear_error(tmp_path, sudoku_dir):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "empty_run", sudoku_dir)
+    proc = run_train(str(cfg), "mode=resume", check=False)
+    assert proc.returncode == 2
+    assert "no complete checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.max_stpes=5", "Did you mean 'train.max_steps'"),
+    ("train.max_steps=many", "train.max_steps"),
+    ("model.forward_dtype=float8", "model.forward_dtype"),
+])
+def test_bad_config_gives_one_paragraph_error(tmp_path, sudoku_dir, override, expected):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir)
+    proc = run_train(str(cfg), override, check=False)
+    assert proc.returncode == 2
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists(), "a bad config must fail before anything is written"
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path, sudoku_dir):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, extra="optimiser: adam\n")
+    proc = run_train(str(cfg), check=False)
+    assert proc.returncode == 2
+    assert "optimiser" in proc.stderr and str(cfg) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_dataset_directory_is_a_clear_error(tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", tmp_path / "nowhere")
+    proc = run_train(str(cfg), check=False)
+    assert proc.returncode == 2
+    assert "nowhere" in proc.stderr and "python -m trm.data build sudoku" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_dataset_file_is_a_clear_error(tmp_path, sudoku_dir):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sudoku_dir, data)
+    target = data / "train" / "all__inputs.npy"
+    target.write_bytes(target.read_bytes()[:100])
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data)
+    proc = run_train(str(cfg), check=False)
+    assert proc.returncode == 2
+    assert "all__inputs.npy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_find_latest_checkpoint_ignores_incomplete_and_prune_keeps_best(tmp_path):
+    for step in (2, 4, 6, 8):
+        path = ckpt.step_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        if step != 8:
+            ckpt.commit(path, step)
+    (tmp_path / "checkpoints" / "not_a_step").mkdir()
+    assert find_latest_checkpoint(tmp_path).name == "step_6"
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+
+    ckpt.commit(ckpt.step_dir(tmp_path, 8), 8)
+    deleted = ckpt.prune(tmp_path, keep_last=1, best_step=2, newest_step=8)
+    assert sorted(p.name for p in deleted) == ["step_4", "step_6"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 8]

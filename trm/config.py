@@ -1,0 +1,366 @@
+"""One structured configuration schema for every run.
+
+The dataclasses below ARE the defaults: a YAML recipe only names what it changes,
+and command-line ``key=value`` overrides come last::
+
+    schema defaults  <  configs/<recipe>.yaml  <  key=value overrides
+
+Model keys keep the reference implementation's names (``hidden_size``, ``H_cycles``,
+``L_cycles``, ``halt_max_steps``, ``mlp_t``, ``puzzle_emb_len``, ...) so that users of
+the reference recognise every knob.
+
+Everything is validated before any process group, dataset or model is built: an unknown
+key, a wrong type, a missing required value or an out-of-range choice raises
+:class:`ConfigError` with a one-paragraph message naming the key and the file.
+
+    from trm.config import load_config
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message says what and where."""
+
+
+@dataclass
+class ModelConfig:
+    """The TRM architecture (names as in the reference implementation)."""
+
+    name: str = "trm"
+    """Registry name of the model family (see ``trm.model.MODELS``)."""
+    hidden_size: int = 512
+    """Width D of every token state (y, z, x)."""
+    num_heads: int = 8
+    """Attention heads; head_dim = hidden_size / num_heads."""
+    expansion: float = 4.0
+    """SwiGLU expansion; inner width = ceil_256(round(expansion * d * 2 / 3))."""
+    H_cycles: int = 3
+    """T: outer cycles per supervision step (all but the last run without grad)."""
+    L_cycles: int = 6
+    """n: latent (z) updates per outer cycle."""
+    L_layers: int = 2
+    """Blocks in the one shared network."""
+    halt_max_steps: int = 16
+    """N_sup: maximum supervision steps per sample."""
+    halt_exploration_prob: float = 0.1
+    """Probability that a slot gets a random minimum number of steps before it may halt."""
+    pos_encodings: str = "rope"
+    """Positional encoding: rope | learned | none (mlp_t recipes use none)."""
+    mlp_t: bool = False
+    """Use the sequence-MLP block (mixing over positions) instead of attention."""
+    puzzle_emb_len: int = 16
+    """Prefix positions reserved for the puzzle embedding (0: ceil(puzzle_emb_ndim / hidden))."""
+    puzzle_emb_ndim: int = 512
+    """Width of a puzzle-embedding row (0 disables the puzzle embedding and the prefix)."""
+    forward_dtype: str = "bfloat16"
+    """Dtype of the forward pass: bfloat16 | float16 | float32 (weights stay fp32)."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of the weightless RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    no_ACT_continue: bool = True
+    """True: halt when q_halt > 0 and train only q_halt; False: also learn q_continue (Q-learning target)."""
+    loss_type: str = "stablemax_cross_entropy"
+    """Token loss: stablemax_cross_entropy | softmax_cross_entropy."""
+
+
+@dataclass
+class DataBuildConfig:
+    """How to build the dataset when ``data.path`` does not exist yet (optional)."""
+
+    kind: str = "sudoku"
+    """Builder to run: sudoku."""
+    train_puzzles: int = 1000
+    """Distinct training puzzles to generate."""
+    aug: int = 0
+    """Stored augmentations per training puzzle."""
+    test_puzzles: int = 200
+    """Held-out puzzles for evaluation."""
+    seed: int = 0
+    """Seed of the generator (the build is deterministic)."""
+    min_blanks: int = 54
+    """Fewest blank cells of a training puzzle."""
+    max_blanks: int = 54
+    """Most blank cells of a training puzzle."""
+    test_min_blanks: Optional[int] = None
+    """Fewest blanks of a test puzzle (default: min_blanks)."""
+    test_max_blanks: Optional[int] = None
+    """Most blanks of a test puzzle (default: max_blanks)."""
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from."""
+
+    name: str = "directory"
+    """Registry name of the dataset (see ``trm.factories.DATASETS``)."""
+    path: str = MISSING
+    """Dataset directory in the reference layout (train/, test/, identifiers.json)."""
+    build: Optional[DataBuildConfig] = None
+    """Build the dataset at ``path`` first if it is missing (tiny recipes use this)."""
+    augment: str = "none"
+    """On-the-fly augmentation of training samples: none | sudoku."""
+    eval_split: str = "test"
+    """Split used for periodic evaluation."""
+    eval_max_examples: Optional[int] = None
+    """Evaluate on at most this many examples (None: the whole split)."""
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = MISSING
+    """Optimizer steps (= supervision steps over all slots) to train for."""
+    global_batch_size: int = 768
+    """Slots summed over all ranks; the loss is normalised by this number."""
+    eval_batch_size: Optional[int] = None
+    """Batch size for evaluation (default: the per-rank training batch)."""
+    optimizer: str = "adam_atan2"
+    """Network optimizer: adam_atan2 | adamw (see ``trm.train.optim.OPTIMIZERS``)."""
+    lr: float = 1e-4
+    """Peak learning rate of the network."""
+    lr_min_ratio: float = 1.0
+    """Final lr as a fraction of the peak (1.0: constant after warmup, as published)."""
+    lr_warmup_steps: int = 2000
+    """Linear warmup steps."""
+    weight_decay: float = 1.0
+    """Decoupled weight decay of the network."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    puzzle_emb_lr: float = 1e-4
+    """Peak learning rate of the sign-SGD on puzzle embeddings."""
+    puzzle_emb_weight_decay: float = 1.0
+    """Decoupled weight decay of the puzzle embeddings."""
+    ema: bool = True
+    """Keep an EMA of the network weights; evaluation and export use it."""
+    ema_rate: float = 0.999
+    """EMA decay."""
+    eval_interval: int = 1000
+    """Evaluate every this many steps (and at the end); 0 disables periodic evaluation."""
+    eval_early_exit: bool = True
+    """Also report accuracy when each sample stops at q_halt > 0."""
+    checkpoint_interval: int = 1000
+    """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept besides the best one."""
+    best_metric: str = "eval/exact_accuracy"
+    """Metric that selects the best checkpoint (higher is better)."""
+    log_interval: int = 10
+    """Write training metrics every this many steps."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    time_limit_minutes: Optional[float] = None
+    """Stop (evaluate, checkpoint) once this much wall time has passed since the start."""
+    num_threads: Optional[int] = None
+    """torch intra-op threads on CPU (None: torch's default)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine."""
+
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU (ZeRO 1-3)."""
+    gradient_clipping: float = 0.0
+    """Global gradient-norm clip (0 disables it; the published recipes do not clip)."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    run_dir: str = MISSING
+    """Directory of this run: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
+    mode: str = "new"
+    """new (refuse a run_dir with checkpoints) | resume | auto | service."""
+    resume_from: Optional[str] = None
+    """Checkpoint directory to resume from (default: the latest complete one in run_dir)."""
+    seed: int = 0
+    """Seed of every random number generator."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    kernels: str = "auto"
+    """Op backends: auto | cuda | triton | torch."""
+    trainer: str = "trm"
+    """Registry name of the trainer (see ``trm.factories.TRAINERS``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Dataset."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation loop."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "mode": ("new", "resume", "auto", "service"),
+    "device": ("auto", "cpu", "cuda"),
+    "kernels": ("auto", "cuda", "triton", "torch"),
+    "model.pos_encodings": ("rope", "learned", "none"),
+    "model.forward_dtype": ("bfloat16", "float16", "float32"),
+    "model.loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),
+    "data.augment": ("none", "sudoku"),
+    "data.build.kind": ("sudoku",),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "model.hidden_size", "model.num_heads", "model.H_cycles", "model.L_cycles",
+    "model.L_layers", "model.halt_max_steps", "train.max_steps", "train.global_batch_size",
+    "train.log_interval",
+)
+NON_NEGATIVE: tuple[str, ...] = (
+    "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
+    "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.weight_decay",
+    "train.puzzle_emb_lr", "train.puzzle_emb_weight_decay", "deepspeed.gradient_clipping",
+)
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key the schema knows (for 'did you mean' hints)."""
+    keys = []
+    for f in dataclasses.fields(node):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            keys += _schema_keys(sub, full + ".")
+    keys += [f"data.build.{f.name}" for f in dataclasses.fields(DataBuildConfig)] if prefix == "" else []
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    """Turn an OmegaConf exception into one paragraph naming the key and the source."""
+    key = getattr(err, "full_key", None) or "?"
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+        hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
+        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+        return ConfigError(
+            f"Unknown config key '{key}' in {source}.{did_you_mean} "
+            f"The keys a run accepts are the fields of trm/config.py."
+        )
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(
+            f"Config key '{key}' is required but has no value (from {source}). "
+            f"Set it in the YAML or on the command line as {key}=VALUE."
+        )
+    if isinstance(err, ValidationError):
+        return ConfigError(
+            f"Config key '{key}' in {source} has the wrong type: {msg}. "
+            f"See its field in trm/config.py for the expected type."
+        )
+    return ConfigError(f"Invalid config in {source} at '{key}': {msg}")
+
+
+def _select(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+def _check_values(cfg: DictConfig, source: str) -> None:
+    """Choices and ranges that types alone cannot express."""
+    for key, allowed in CHOICES.items():
+        value = _select(cfg, key)
+        if value is not None and value not in allowed:
+            raise ConfigError(
+                f"Config key '{key}' (from {source}) is {value!r}; it must be one of "
+                f"{', '.join(map(repr, allowed))}."
+            )
+    for key in POSITIVE:
+        value = _select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"Config key '{key}' (from {source}) must be > 0, got {value}.")
+    for key in NON_NEGATIVE:
+        value = _select(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"Config key '{key}' (from {source}) must be >= 0, got {value}.")
+    if cfg.model.hidden_size % cfg.model.num_heads:
+        raise ConfigError(
+            f"model.hidden_size ({cfg.model.hidden_size}) must be divisible by model.num_heads "
+            f"({cfg.model.num_heads}) (from {source})."
+        )
+    if cfg.model.mlp_t and cfg.model.pos_encodings == "rope":
+        raise ConfigError(
+            f"model.mlp_t=true has no attention, so model.pos_encodings='rope' has nothing to "
+            f"rotate (from {source}). Use pos_encodings: none (the published mlp_t recipe) or learned."
+        )
+    for name in ("beta1", "beta2", "ema_rate", "lr_min_ratio"):
+        value = cfg.train[name]
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"Config key 'train.{name}' (from {source}) must be in [0, 1], got {value}.")
+    if not 0.0 <= cfg.model.halt_exploration_prob <= 1.0:
+        raise ConfigError(
+            f"Config key 'model.halt_exploration_prob' (from {source}) must be in [0, 1], "
+            f"got {cfg.model.halt_exploration_prob}."
+        )
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Merge schema defaults < YAML file < ``key=value`` overrides; validate; return a Config.
+
+    Raises ConfigError (one paragraph, naming the key and its source) on any problem.
+    """
+    schema = OmegaConf.structured(Config)
+    merged = schema
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist. Recipes live in configs/ (e.g. configs/tiny.yaml).")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as err:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"Config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(loaded).__name__}.")
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as err:
+            raise _explain(err, str(path)) from None
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError(f"Command-line override {bad[0]!r} is not of the form key=value (e.g. train.max_steps=100).")
+    if overrides:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise _explain(err, "the command line") from None
+    source = f"{path}" + (" + command line" if overrides else "") if path else "the command line"
+    try:
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+    _check_values(merged, source)
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what is written to <run_dir>/config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a Config (or any of its sections)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))

@@ -1,0 +1,102 @@
+"""Registries and factories: model, optimizer, dataset and trainer are looked up BY NAME.
+
+A new component plugs in from YAML without touching the entry point::
+
+    from trm.factories import register_dataset
+    @register_dataset("my_data")
+    def build_my_data(cfg, world): ...
+    # YAML: data: {name: my_data, path: ...}
+
+``build_model`` lives in ``trm.model`` (``MODELS``), ``build_optimizer`` in
+``trm.train.optim`` (``OPTIMIZERS``); both are re-exported here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from trm.config import Config, ConfigError
+from trm.data.format import DatasetError
+from trm.data.puzzle_dataset import PuzzleDataset
+from trm.model import MODELS, build_model
+from trm.train.distributed import World, barrier
+from trm.train.optim import OPTIMIZERS, build_optimizer
+
+DATASETS: dict[str, Callable[[Config, World], Any]] = {}
+TRAINERS: dict[str, Callable[..., Any]] = {}
+
+
+def _registrar(table: dict[str, Callable], kind: str):
+    def register(name: str):
+        def add(builder: Callable) -> Callable:
+            if name in table:
+                raise ValueError(f"{kind} '{name}' is already registered")
+            table[name] = builder
+            return builder
+        return add
+    return register
+
+
+register_dataset = _registrar(DATASETS, "dataset")
+register_trainer = _registrar(TRAINERS, "trainer")
+
+
+def _lookup(table: dict[str, Callable], kind: str, name: str, key: str) -> Callable:
+    if name not in table:
+        raise ConfigError(f"Unknown {kind} '{name}' (config key '{key}'); registered: {', '.join(sorted(table))}.")
+    return table[name]
+
+
+def build_dataset_dir(cfg: Config, world: World) -> None:
+    """Build ``data.path`` from ``data.build`` when it does not exist yet (rank 0; others wait)."""
+    path = Path(cfg.data.path)
+    if (path / "train" / "dataset.json").exists() or cfg.data.build is None:
+        return
+    if world.is_main:
+        from trm.data.sudoku import build_sudoku
+
+        b = cfg.data.build
+        print(f"trm: building {b.kind} dataset at {path} ({b.train_puzzles} train / {b.test_puzzles} test puzzles)", flush=True)
+        build_sudoku(path, train_puzzles=b.train_puzzles, test_puzzles=b.test_puzzles, aug=b.aug, seed=b.seed,
+                     min_blanks=b.min_blanks, max_blanks=b.max_blanks,
+                     test_min_blanks=b.test_min_blanks, test_max_blanks=b.test_max_blanks)
+    barrier()
+
+
+@register_dataset("directory")
+def _directory_dataset(cfg: Config, world: World) -> PuzzleDataset:
+    build_dataset_dir(cfg, world)
+    if not Path(cfg.data.path).exists():
+        raise DatasetError(
+            f"Dataset directory {cfg.data.path} does not exist. Build one with "
+            f"`python -m trm.data build sudoku --out {cfg.data.path} ...`, or add a data.build section to the config."
+        )
+    return PuzzleDataset(cfg.data.path, seed=cfg.seed, augment=cfg.data.augment, eval_split=cfg.data.eval_split)
+
+
+def build_dataset(cfg: Config, world: World):
+    return _lookup(DATASETS, "dataset", cfg.data.name, "data.name")(cfg, world)
+
+
+@register_trainer("trm")
+def _trm_trainer(cfg: Config, world: World, model, dataset):
+    from trm.train.trainer import Trainer
+
+    return Trainer(cfg, world, model, dataset)
+
+
+def build_trainer(cfg: Config, world: World, model, dataset):
+    return _lookup(TRAINERS, "trainer", cfg.trainer, "trainer")(cfg, world, model, dataset)
+
+
+def build_model_for(cfg: Config, model_dims: dict[str, int], world: World):
+    """The configured model for a dataset's shape (``model.name`` looked up in MODELS)."""
+    _lookup(MODELS, "model", cfg.model.name, "model.name")
+    from trm.config import to_dict
+
+    return build_model({**to_dict(cfg.model), **model_dims, "batch_size": cfg.train.global_batch_size // world.size})
+
+
+__all__ = ["DATASETS", "TRAINERS", "MODELS", "OPTIMIZERS", "register_dataset", "register_trainer",
+           "build_dataset", "build_trainer", "build_model", "build_model_for", "build_optimizer"]

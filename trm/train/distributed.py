@@ -1,0 +1,90 @@
+"""Process-group setup shared by plain python, torchrun and the deepspeed launcher.
+
+Ranks come from the environment (RANK, LOCAL_RANK, WORLD_SIZE; SLURM_PROCID, SLURM_LOCALID,
+SLURM_NTASKS when only SLURM's are set). A plain ``python -m trm.train`` is a world of one
+on a free loopback port. CPU runs use gloo, GPU runs NCCL.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SLURM_TO_TORCH = {"SLURM_PROCID": "RANK", "SLURM_LOCALID": "LOCAL_RANK", "SLURM_NTASKS": "WORLD_SIZE"}
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or device=auto.")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_world(requested_device: str) -> World:
+    """Fill missing rank variables, pick the device, and start the process group (idempotent)."""
+    for slurm, torch_name in SLURM_TO_TORCH.items():
+        if torch_name not in os.environ and slurm in os.environ:
+            os.environ[torch_name] = os.environ[slurm]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with torchrun or deepspeed.")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = resolve_device(requested_device, local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    return World(rank, local_rank, size, device)
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally shaped tensors of every rank along dim 0 (identity for one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum a dict of scalar tensors across ranks (one collective)."""
+    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    packed = torch.stack([values[k].detach().to(torch.float64).reshape(()) for k in keys])
+    dist.all_reduce(packed)
+    return dict(zip(keys, packed.unbind()))
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

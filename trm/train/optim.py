@@ -1,0 +1,359 @@
+"""Optimisers for TRM: AdamATan2 for the network, sign-SGD for the puzzle table.
+
+The network is trained with AdamATan2 (Adam without epsilon; ``atan2`` bounds
+the update), a plain ``torch.optim.Optimizer`` so DeepSpeed accepts it as a
+client optimizer. The puzzle-embedding table is not a parameter of the network:
+it lives outside the engine and is updated by :class:`PuzzleEmbeddingSignSGD`,
+touching only the rows used by this step's global batch.
+
+Optimisers are built by name from the config through :func:`build_optimizer`;
+:func:`register_optimizer` adds a name to :data:`OPTIMIZERS`.
+
+Example::
+
+    optimizer = build_optimizer("adam_atan2", model.parameters(), lr=1e-4,
+                                betas=(0.9, 0.95), weight_decay=1.0)
+    puzzle_optimizer = PuzzleEmbeddingSignSGD(model.puzzle_emb, lr=1e-4, weight_decay=1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+FactoryT = TypeVar("FactoryT", bound=OptimizerFactory)
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {}
+"""Optimiser name (as written in the config) -> factory
+``(params, lr, betas, weight_decay, **kwargs) -> torch.optim.Optimizer``."""
+
+
+def register_optimizer(name: str) -> Callable[[FactoryT], FactoryT]:
+    """Decorator: make ``factory`` buildable as ``build_optimizer(name, ...)``.
+
+    The factory is called as ``factory(params, lr=..., betas=..., weight_decay=..., **kwargs)``.
+    Registering a name twice raises ``ValueError``.
+    """
+
+    def register(factory: FactoryT) -> FactoryT:
+        if name in OPTIMIZERS:
+            raise ValueError(f"optimizer {name!r} is already registered ({OPTIMIZERS[name]!r})")
+        OPTIMIZERS[name] = factory
+        return factory
+
+    return register
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build the optimiser registered under ``name``; extra ``kwargs`` go to its factory.
+
+    Raises ``ValueError`` naming the known optimisers when ``name`` is not registered.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known optimizers: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name](params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+
+
+@register_optimizer("adamw")
+def build_adamw(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    eps: float = 1e-8,
+    **kwargs: Any,
+) -> torch.optim.AdamW:
+    """``torch.optim.AdamW`` with the registry's signature (``eps`` defaults to 1e-8)."""
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, **kwargs)
+
+
+@register_optimizer("adam_atan2")
+class AdamATan2(torch.optim.Optimizer):
+    r"""Adam with ``atan2`` in place of the division by ``sqrt(v) + eps``, decoupled weight decay.
+
+    Per parameter ``p`` with gradient ``g`` at step ``t`` (t = 1, 2, ...)::
+
+        p *= 1 - lr * weight_decay
+        m = lerp(m, g, 1 - beta1)            # m + (1 - beta1) * (g - m)
+        v = lerp(v, g * g, 1 - beta2)
+        p -= (lr / (1 - beta1^t)) * atan2(m, sqrt(v) / sqrt(1 - beta2^t))
+
+    There is no epsilon: ``atan2`` is bounded by pi/2 and ``atan2(0, 0) = 0``, so a
+    zero gradient gives a zero update. ``lr`` is read from ``param_groups[i]["lr"]``
+    at every step, so external LR schedulers (and DeepSpeed) drive it.
+
+    State per parameter (created at its first gradient): ``step`` (a float32 CPU
+    scalar tensor, as in ``torch.optim.Adam``, so ``state_dict`` round-trips),
+    ``exp_avg`` (m) and ``exp_avg_sq`` (v). Parameters whose ``grad`` is None are
+    skipped and their step count does not advance.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        betas: (beta1, beta2), decay rates of m and v.
+        weight_decay: decoupled weight decay coefficient (multiplied by lr).
+        foreach: True runs ``torch._foreach_*`` kernels over each group's
+            tensors (bucketed by device and dtype); False runs a per-tensor loop.
+            None picks foreach when every parameter of the group is on CUDA.
+            Both give bit-identical results on CPU.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"invalid betas: {betas} (each must be in [0, 1))")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _collect_group(
+        self, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """Parameters of ``group`` that have a gradient, with their grads and state (created lazily)."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise RuntimeError(
+                    "AdamATan2 does not support sparse gradients; use dense gradients "
+                    "(e.g. nn.Embedding(sparse=False)) or a sparse optimizer for that parameter"
+                )
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            params.append(param)
+            grads.append(param.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update of every parameter that has a gradient; returns ``closure()`` if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps = self._collect_group(group)
+            if not params:
+                continue
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(param.device.type == "cuda" for param in params)
+            update = _adam_atan2_foreach if foreach else _adam_atan2_loop
+            beta1, beta2 = group["betas"]
+            update(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                steps,
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+            )
+        return loss
+
+
+def _adam_atan2_loop(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """AdamATan2 update, one tensor at a time (the same op sequence as the foreach path)."""
+    for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        t = step.item()
+        if weight_decay != 0.0:
+            param.mul_(1.0 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.lerp_(grad * grad, 1.0 - beta2)
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**t))
+        direction = torch.atan2(exp_avg, denom, out=denom)
+        param.sub_(direction.mul_(lr / (1.0 - beta1**t)))
+
+
+def _adam_atan2_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+) -> None:
+    """AdamATan2 update with ``torch._foreach_*`` kernels, bucketed by (device, dtype).
+
+    There is no ``_foreach_atan2``: that one op runs per tensor.
+    """
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, param in enumerate(params):
+        buckets.setdefault((param.device, param.dtype), []).append(index)
+    for indices in buckets.values():
+        bucket_params = [params[i] for i in indices]
+        bucket_grads = [grads[i] for i in indices]
+        bucket_exp_avgs = [exp_avgs[i] for i in indices]
+        bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
+        bucket_steps = [steps[i] for i in indices]
+
+        torch._foreach_add_(bucket_steps, 1.0)
+        ts = [step.item() for step in bucket_steps]
+        if weight_decay != 0.0:
+            torch._foreach_mul_(bucket_params, 1.0 - lr * weight_decay)
+        torch._foreach_lerp_(bucket_exp_avgs, bucket_grads, 1.0 - beta1)
+        grad_squares = torch._foreach_mul(bucket_grads, bucket_grads)
+        torch._foreach_lerp_(bucket_exp_avg_sqs, grad_squares, 1.0 - beta2)
+        del grad_squares
+        denoms = torch._foreach_sqrt(bucket_exp_avg_sqs)
+        torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in ts])
+        directions = [torch.atan2(m, denom, out=denom) for m, denom in zip(bucket_exp_avgs, denoms)]
+        torch._foreach_mul_(directions, [lr / (1.0 - beta1**t) for t in ts])
+        torch._foreach_sub_(bucket_params, directions)
+
+
+# torch >= 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class PuzzleEmbeddingSignSGD:
+    r"""Sparse sign-SGD with decoupled weight decay for the puzzle-embedding table.
+
+    The table is not a network parameter and lives outside the main optimizer (and
+    the DeepSpeed engine). The embedding module it drives exposes:
+
+    - ``module.weights``: float32 ``[num_ids, dim]``, the table;
+    - after a training forward + backward, ``module.local_ids`` (int64 ``[B]``, the
+      row of each sample; ids may repeat) and ``module.local_weights`` (a leaf
+      ``[B, dim]`` whose ``.grad`` holds each sample's row gradient).
+
+    ``step()`` gathers ``(local_ids, local_weights.grad)`` from every rank of
+    ``process_group`` (when torch.distributed is initialised with world > 1; all
+    ranks must have the same local batch size), sums the gradients of equal ids,
+    and updates only those rows::
+
+        g_sum[id] = sum of the gradients of all samples (all ranks) with that id
+        p[id] = p[id] * (1 - lr * weight_decay) - lr * sign(g_sum[id])
+
+    Rows not used this step are untouched (no weight decay either). Every rank
+    ends with the same table. ``param_groups = [{"lr", "weight_decay"}]`` lets the
+    network's LR schedule drive it; ``lr`` and ``weight_decay`` are views of that group.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        lr: float,
+        weight_decay: float,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning rate: {lr}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"invalid weight_decay: {weight_decay}")
+        self.module = module
+        self.process_group = process_group
+        self.param_groups: list[dict[str, float]] = [{"lr": lr, "weight_decay": weight_decay}]
+
+    @property
+    def lr(self) -> float:
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.param_groups[0]["lr"] = value
+
+    @property
+    def weight_decay(self) -> float:
+        return self.param_groups[0]["weight_decay"]
+
+    @weight_decay.setter
+    def weight_decay(self, value: float) -> None:
+        self.param_groups[0]["weight_decay"] = value
+
+    def _world_size(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self.process_group)
+
+    def _gather(self, ids: Tensor, grads: Tensor) -> tuple[Tensor, Tensor]:
+        """All ranks' ``(ids [world*B], grads [world*B, dim])``, rank-major; local ones when alone."""
+        world_size = self._world_size()
+        if world_size == 1:
+            return ids, grads
+        all_ids = ids.new_empty((world_size * ids.shape[0],))
+        all_grads = grads.new_empty((world_size * grads.shape[0], grads.shape[1]))
+        _all_gather_single(all_ids, ids.contiguous(), group=self.process_group)
+        _all_gather_single(all_grads, grads.contiguous(), group=self.process_group)
+        return all_ids, all_grads
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the rows used this step (all ranks); a no-op when there is no gradient."""
+        local_weights = getattr(self.module, "local_weights", None)
+        if local_weights is None or local_weights.grad is None:
+            return
+        ids, grads = self._gather(self.module.local_ids, local_weights.grad)
+        table = self.module.weights
+
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        grad_sums = grads.new_zeros((unique_ids.shape[0], grads.shape[1]))
+        grad_sums.index_add_(0, inverse, grads)
+
+        unique_ids = unique_ids.to(device=table.device, dtype=torch.int64)
+        rows = table.index_select(0, unique_ids)
+        rows.mul_(1.0 - self.lr * self.weight_decay)
+        rows.add_(torch.sign(grad_sums).to(rows), alpha=-self.lr)
+        table.index_copy_(0, unique_ids, rows)
+
+    def zero_grad(self) -> None:
+        """Drop ``local_weights.grad`` (set to None)."""
+        local_weights = getattr(self.module, "local_weights", None)
+        if local_weights is not None:
+            local_weights.grad = None
+
+    def state_dict(self) -> dict[str, float]:
+        """``{"lr", "weight_decay"}``: sign-SGD has no moment state (the table is the module's)."""
+        return dict(self.param_groups[0])
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.lr = float(state_dict["lr"])
+        self.weight_decay = float(state_dict["weight_decay"])

@@ -1,0 +1,352 @@
+"""The training loop: ACT slots, deep supervision, evaluation, checkpoints, exact resume.
+
+Every optimizer step is ONE supervision step over all ``global_batch_size`` slots:
+
+1. slots that halted at the previous step are refilled, in global slot order, with the next
+   samples of the data stream (global sample index = one integer of run state);
+2. the model runs one supervision step; loss / local_batch goes backward (DeepSpeed averages
+   over ranks, so gradients are those of sum / global_batch);
+3. the network steps (AdamATan2 / AdamW via DeepSpeed), the puzzle table steps (sign-SGD),
+   the EMA follows.
+
+Refill policy (a documented difference from the reference, which discards the unused rows of
+a fresh batch): halted slots take CONSECUTIVE stream samples, so no data is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trm.config import Config, to_yaml
+from trm.data.puzzle_dataset import PuzzleDataset
+from trm.model import ACTCarry, act_loss
+from trm.train import checkpoint as ckpt
+from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
+from trm.train.ema import EMA
+from trm.train.metrics import MetricsLog
+from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
+from trm.train.schedule import lr_at
+
+
+
+def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
+    """The DeepSpeed config of a run. The model keeps fp32 master weights and casts at use
+    (``model.forward_dtype``), so DeepSpeed itself runs in fp32 mode."""
+    local_batch = cfg.train.global_batch_size // world.size
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_batch_size": cfg.train.global_batch_size,
+        "train_micro_batch_size_per_gpu": local_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class Trainer:
+    """Owns the engine, optimizers, EMA, ACT carry and data position of one run."""
+
+    def __init__(self, cfg: Config, world: World, model: torch.nn.Module, dataset: PuzzleDataset):
+        import deepspeed
+
+        if cfg.train.global_batch_size % world.size:
+            raise ValueError(
+                f"train.global_batch_size ({cfg.train.global_batch_size}) must be divisible by the "
+                f"number of processes ({world.size})."
+            )
+        self.cfg, self.world, self.dataset = cfg, world, dataset
+        self.run_dir = Path(cfg.run_dir)
+        self.local_batch = cfg.train.global_batch_size // world.size
+        model = model.to(world.device)
+        tc = cfg.train
+        optimizer = build_optimizer(tc.optimizer, model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
+        self.model = self.engine.module
+        puzzle_emb = self.model.puzzle_emb
+        self.puzzle_optimizer = (
+            PuzzleEmbeddingSignSGD(puzzle_emb, lr=tc.puzzle_emb_lr, weight_decay=tc.puzzle_emb_weight_decay)
+            if puzzle_emb is not None else None
+        )
+        self.ema = EMA(self.model.named_parameters(), decay=tc.ema_rate) if tc.ema else None
+        self.metrics = MetricsLog(self.run_dir, enabled=world.is_main)
+        self.step = 0
+        self.stream_position = 0
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.carry = self.model.initial_carry(self._blank_batch(self.local_batch))
+
+    # ------------------------------------------------------------------ data
+    def _blank_batch(self, size: int) -> dict[str, torch.Tensor]:
+        seq_len = self.dataset.model_dims["seq_len"]
+        device = self.world.device
+        return {
+            "inputs": torch.zeros(size, seq_len, dtype=torch.int32, device=device),
+            "labels": torch.zeros(size, seq_len, dtype=torch.int64, device=device),
+            "puzzle_identifiers": torch.zeros(size, dtype=torch.int32, device=device),
+        }
+
+    def _refill(self) -> dict[str, torch.Tensor]:
+        """The batch for this step: the next stream samples in the halted slots (global order)."""
+        halted_global = all_gather_cat(self.carry.halted).cpu().numpy()
+        positions = self.stream_position + np.cumsum(halted_global) - 1
+        lo = self.world.rank * self.local_batch
+        mine = halted_global[lo:lo + self.local_batch]
+        batch = {k: v.clone() for k, v in self.carry.current_data.items()}
+        if mine.any():
+            new = self.dataset.train_examples(positions[lo:lo + self.local_batch][mine])
+            rows = torch.from_numpy(np.flatnonzero(mine)).to(self.world.device)
+            for key, value in new.items():
+                batch[key][rows] = value.to(self.world.device, batch[key].dtype)
+        self.stream_position += int(halted_global.sum())
+        return batch
+
+    # ----------------------------------------------------------------- steps
+    def _set_lr(self) -> float:
+        tc = self.cfg.train
+        lr = lr_at(self.step, tc.lr, tc.lr_warmup_steps, tc.max_steps, tc.lr_min_ratio)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        if self.puzzle_optimizer is not None:
+            self.puzzle_optimizer.lr = lr_at(self.step, tc.puzzle_emb_lr, tc.lr_warmup_steps, tc.max_steps, tc.lr_min_ratio)
+        return lr
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One supervision step over all slots; returns the step's metric sums (this rank)."""
+        self.engine.train()
+        batch = self._refill()
+        self.carry, outputs = self.engine(self.carry, batch)
+        loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
+                                 self.carry.steps, self.cfg.model.loss_type)
+        self.engine.backward(loss / self.local_batch)
+        if self.puzzle_optimizer is not None:
+            self.puzzle_optimizer.step()
+            self.puzzle_optimizer.zero_grad()
+        self.engine.step()
+        if self.ema is not None:
+            self.ema.update(self.model.named_parameters())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Exact / token accuracy after all halt_max_steps steps (the reference's protocol), and
+        with early exit (each sample stops at its first q_halt > 0), with the EMA weights."""
+        cfg = self.cfg
+        n = self.dataset.num_eval_examples
+        if cfg.data.eval_max_examples is not None:
+            n = min(n, cfg.data.eval_max_examples)
+        batch_size = cfg.train.eval_batch_size or self.local_batch
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.world.device) for k in
+                ("count", "exact", "token", "q_halt_acc", "early_exact", "early_token", "early_steps")}
+        swap = self.ema.swapped_in(self.model.named_parameters()) if self.ema is not None else contextlib.nullcontext()
+        self.engine.eval()
+        with swap:
+            stride = batch_size * self.world.size
+            for start in range(self.world.rank * batch_size, n, stride):
+                batch = {k: v.to(self.world.device) for k, v in self.dataset.eval_examples(start, min(start + batch_size, n)).items()}
+                self._evaluate_batch(batch, sums)
+        totals = all_reduce_sum(sums)
+        count = max(float(totals["count"]), 1.0)
+        return {
+            "eval/exact_accuracy": float(totals["exact"]) / count,
+            "eval/token_accuracy": float(totals["token"]) / count,
+            "eval/q_halt_accuracy": float(totals["q_halt_acc"]) / count,
+            "eval/steps": float(cfg.model.halt_max_steps),
+            "eval/early_exit/exact_accuracy": float(totals["early_exact"]) / count,
+            "eval/early_exit/token_accuracy": float(totals["early_token"]) / count,
+            "eval/early_exit/steps": float(totals["early_steps"]) / count,
+            "eval/count": float(totals["count"]),
+        }
+
+    def _evaluate_batch(self, batch: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+        labels = batch["labels"]
+        mask = labels != -100
+        counts = mask.sum(-1).clamp_min(1)
+        carry = self.model.initial_carry(batch)
+        stopped = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        max_steps = self.cfg.model.halt_max_steps
+        for step in range(1, max_steps + 1):
+            carry, outputs = self.engine(carry, batch)
+            correct = mask & (outputs["logits"].argmax(-1) == labels)
+            token_acc = correct.sum(-1) / counts
+            exact = correct.sum(-1) == mask.sum(-1)
+            stop_now = ~stopped & ((outputs["q_halt_logits"] > 0) | (step == max_steps))
+            sums["early_exact"] += (exact & stop_now).sum()
+            sums["early_token"] += token_acc[stop_now].sum()
+            sums["early_steps"] += stop_now.sum() * step
+            stopped |= stop_now
+        sums["count"] += labels.shape[0]
+        sums["exact"] += exact.sum()
+        sums["token"] += token_acc.sum()
+        sums["q_halt_acc"] += ((outputs["q_halt_logits"] >= 0) == exact).sum()
+
+    # ----------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write step_<N>/ on every rank, then the commit marker (rank 0, last)."""
+        path = ckpt.step_dir(self.run_dir, self.step)
+        try:
+            if self.world.is_main:
+                if path.exists():
+                    shutil.rmtree(path)
+                path.mkdir(parents=True)
+            barrier()
+            self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
+                                        client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+            rank_state = {"rng": self._rng_state(), "carry": _to_cpu(self.carry.state_dict())}
+            ckpt.save_torch(rank_state, path / f"rank_{self.world.rank}.pt")
+            if self.world.is_main:
+                ckpt.save_torch(self._trainer_state(), path / "trainer_state.pt")
+                (path / "config.yaml").write_text(to_yaml(self.cfg))
+            barrier()
+            if self.world.is_main:
+                ckpt.commit(path, self.step)
+                ckpt.prune(self.run_dir, self.cfg.train.keep_last, self.best_step, self.step)
+            barrier()
+        except OSError as err:
+            raise ckpt.CheckpointError(
+                f"Saving checkpoint {path} failed ({err.strerror or err}); earlier checkpoints are untouched. "
+                f"Free disk space or fix permissions of {self.run_dir}, then resume with mode=resume."
+            ) from None
+        return path
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "stream_position": self.stream_position,
+            "world_size": self.world.size,
+            "best_value": self.best_value,
+            "best_step": self.best_step,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "puzzle_optimizer": self.puzzle_optimizer.state_dict() if self.puzzle_optimizer is not None else None,
+        }
+
+    def _rng_state(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if self.world.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.world.device)
+        return state
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything ``save_checkpoint`` wrote; the run continues bit-identically."""
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
+        state = ckpt.load_torch(path / "trainer_state.pt")
+        if state["world_size"] != self.world.size:
+            raise ckpt.CheckpointError(
+                f"Checkpoint {path} was written by {state['world_size']} processes; this run has {self.world.size}. "
+                f"Resume with the same number of processes."
+            )
+        rank_state = ckpt.load_torch(path / f"rank_{self.world.rank}.pt")
+        loaded, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+                                                load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise ckpt.CheckpointError(f"DeepSpeed found no model states under {path / 'deepspeed'}.")
+        self.step = state["step"]
+        self.stream_position = state["stream_position"]
+        self.best_value, self.best_step = state["best_value"], state["best_step"]
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ckpt.CheckpointError(f"Checkpoint {path} has no EMA state but train.ema is true.")
+            self.ema.load_state_dict(state["ema"])
+        if self.puzzle_optimizer is not None and state["puzzle_optimizer"] is not None:
+            self.puzzle_optimizer.load_state_dict(state["puzzle_optimizer"])
+        self.carry = ACTCarry.from_state_dict(rank_state["carry"], self.world.device)
+        torch.set_rng_state(rank_state["rng"]["torch"])
+        if "cuda" in rank_state["rng"]:
+            torch.cuda.set_rng_state(rank_state["rng"]["cuda"], self.world.device)
+        self.metrics.truncate_after(self.step)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume_from: Path | None = None) -> dict[str, float]:
+        """Train to ``train.max_steps`` (or the time limit); return the last evaluation."""
+        cfg, tc = self.cfg, self.cfg.train
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        elif self.world.is_main:
+            self.metrics.truncate_after(0)
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        started = time.time()
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.time()
+        last_eval: dict[str, float] = {}
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.world.is_main and tc.progress_bar),
+                   dynamic_ncols=True, desc="train")
+        while self.step < tc.max_steps:
+            self.step += 1
+            lr = self._set_lr()
+            step_metrics = self.train_step()
+            for k, v in step_metrics.items():
+                window[k] = window.get(k, 0) + v.detach().to(torch.float64)
+            window_steps += 1
+            out_of_time = tc.time_limit_minutes is not None and time.time() - started > 60 * tc.time_limit_minutes
+            last = self.step == tc.max_steps or out_of_time
+            if self.step % tc.log_interval == 0 or last:
+                logged = self._train_summary(window, window_steps, time.time() - window_start, lr)
+                self.metrics.log(self.step, logged)
+                bar.set_postfix(loss=f"{logged['train/lm_loss']:.3f}", acc=f"{logged['train/exact_accuracy']:.3f}",
+                                ex_s=f"{logged['train/examples_per_s']:.0f}")
+                window, window_steps, window_start = {}, 0, time.time()
+            bar.update(1)
+            if (tc.eval_interval and self.step % tc.eval_interval == 0) or last:
+                last_eval = self.evaluate()
+                self.metrics.log(self.step, last_eval)
+                value = last_eval.get(tc.best_metric)
+                if value is not None and (self.best_value is None or value > self.best_value):
+                    self.best_value, self.best_step = value, self.step
+                if self.world.is_main:
+                    bar.write(f"step {self.step}: exact {last_eval['eval/exact_accuracy']:.4f} "
+                              f"token {last_eval['eval/token_accuracy']:.4f} "
+                              f"early-exit exact {last_eval['eval/early_exit/exact_accuracy']:.4f} "
+                              f"at {last_eval['eval/early_exit/steps']:.2f} steps")
+            if (tc.checkpoint_interval and self.step % tc.checkpoint_interval == 0) or last:
+                self.save_checkpoint()
+            if out_of_time:
+                if self.world.is_main:
+                    bar.write(f"time limit of {tc.time_limit_minutes} min reached at step {self.step}")
+                break
+        bar.close()
+        self.metrics.close()
+        return last_eval
+
+    def _train_summary(self, window: dict[str, torch.Tensor], steps: int, seconds: float, lr: float) -> dict[str, float]:
+        totals = all_reduce_sum(window)
+        slots = float(self.cfg.train.global_batch_size * steps)
+        halted = max(float(totals["count"]), 1.0)
+        summary = {
+            "train/lm_loss": float(totals["lm_loss"]) / slots,
+            "train/q_halt_loss": float(totals["q_halt_loss"]) / slots,
+            "train/token_accuracy": float(totals["token_accuracy"]) / halted,
+            "train/exact_accuracy": float(totals["exact_accuracy"]) / halted,
+            "train/q_halt_accuracy": float(totals["q_halt_accuracy"]) / halted,
+            "train/steps": float(totals["steps"]) / halted,
+            "train/halted": float(totals["count"]),
+            "train/lr": lr,
+            "train/examples_per_s": slots / max(seconds, 1e-9),
+            "train/stream_position": self.stream_position,
+        }
+        if "q_continue_loss" in totals:
+            summary["train/q_continue_loss"] = float(totals["q_continue_loss"]) / slots
+        return summary
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    return tree
+
+
