@@ -11,6 +11,7 @@ Modes: ``mode=new`` (default; refuses a run_dir that has checkpoints), ``mode=re
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(cfg, world, model, dataset)
         result = trainer.fit(resume_from)
     except (ConfigError, DatasetError, CheckpointError, RunError) as err:
-        print(f"trm.train: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"trm.train: error: {err}", file=sys.stderr)
         return 2
     if result and world.is_main:
         print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
