@@ -195,3 +195,46 @@ def test_find_latest_checkpoint_ignores_incomplete_and_prune_keeps_best(tmp_path
     deleted = ckpt.prune(tmp_path, keep_last=1, best_step=2, newest_step=8)
     assert sorted(p.name for p in deleted) == ["step_4", "step_6"]
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 8]
+
+
+def _in_process_trainer(tmp_path, sudoku_dir, **train):
+    from trm.config import load_config
+    from trm.factories import build_dataset, build_model_for, build_trainer
+    from trm.train.distributed import init_world
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, train))
+    world = init_world("cpu")
+    dataset = build_dataset(cfg, world)
+    torch.manual_seed(0)
+    return build_trainer(cfg, world, build_model_for(cfg, dataset.model_dims, world), dataset)
+
+
+def test_nonfinite_loss_is_skipped_counted_and_then_fatal(tmp_path, sudoku_dir, monkeypatch):
+    import trm.train.trainer as trainer_module
+
+    trainer = _in_process_trainer(tmp_path, sudoku_dir, max_steps=20, max_consecutive_nonfinite=2,
+                                  eval_interval=0, checkpoint_interval=0)
+    poisoned_steps = {2, 4, 5, 6}
+    real_loss = trainer_module.act_loss
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return (loss * float("nan") if trainer.step in poisoned_steps else loss), metrics
+
+    monkeypatch.setattr(trainer_module, "act_loss", poisoned)
+    params = lambda: [p.detach().clone() for p in trainer.model.parameters()]
+    for step in (1, 2, 3):
+        before = params()
+        trainer.step = step
+        trainer.train_step()
+        changed = any(not torch.equal(a, b) for a, b in zip(before, params()))
+        assert changed == (step not in poisoned_steps), f"step {step}: update applied={changed}"
+    assert trainer.nonfinite_steps == 1 and trainer.consecutive_nonfinite == 0
+
+    trainer.step = 4
+    trainer.train_step()
+    trainer.step = 5
+    trainer.train_step()
+    trainer.step = 6
+    with pytest.raises(trainer_module.NonFiniteLossError, match="NaN/inf at step 6 .3 step.s. in a row"):
+        trainer.train_step()

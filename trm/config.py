@@ -173,6 +173,10 @@ class TrainConfig:
     """Stop (evaluate, checkpoint) once this much wall time has passed since the start."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    skip_nonfinite: bool = True
+    """Skip (and count) an update whose loss is NaN/inf instead of applying it."""
+    max_consecutive_nonfinite: int = 20
+    """Stop with an error after this many non-finite losses in a row."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from trm.data.format import DatasetError
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train.checkpoint import CheckpointError, find_latest_checkpoint, is_complete
 from trm.train.distributed import init_world
+from trm.train.trainer import NonFiniteLossError
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
         trainer = build_trainer(cfg, world, model, dataset)
         result = trainer.fit(resume_from)
-    except (ConfigError, DatasetError, CheckpointError, RunError) as err:
+    except (ConfigError, DatasetError, CheckpointError, RunError, NonFiniteLossError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"trm.train: error: {err}", file=sys.stderr)
         return 2

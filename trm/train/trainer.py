@@ -56,6 +56,10 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
     }
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for too many steps; the message says what to do."""
+
+
 class Trainer:
     """Owns the engine, optimizers, EMA, ACT carry and data position of one run."""
 
@@ -80,10 +84,15 @@ class Trainer:
             PuzzleEmbeddingSignSGD(puzzle_emb, lr=tc.puzzle_emb_lr, weight_decay=tc.puzzle_emb_weight_decay)
             if puzzle_emb is not None else None
         )
-        self.ema = EMA(self.model.named_parameters(), decay=tc.ema_rate) if tc.ema else None
+        self.ema = None
+        if tc.ema:
+            with self._full_parameters():
+                self.ema = EMA(self.model.named_parameters(), decay=tc.ema_rate)
         self.metrics = MetricsLog(self.run_dir, enabled=world.is_main)
         self.step = 0
         self.stream_position = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
         self.carry = self.model.initial_carry(self._blank_batch(self.local_batch))
@@ -130,14 +139,63 @@ class Trainer:
         self.carry, outputs = self.engine(self.carry, batch)
         loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
                                  self.carry.steps, self.cfg.model.loss_type)
+        if not self._finite_everywhere(loss):
+            return metrics
         self.engine.backward(loss / self.local_batch)
         if self.puzzle_optimizer is not None:
             self.puzzle_optimizer.step()
             self.puzzle_optimizer.zero_grad()
         self.engine.step()
         if self.ema is not None:
-            self.ema.update(self.model.named_parameters())
+            with self._full_parameters():
+                self.ema.update(self.model.named_parameters())
         return metrics
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """True when every rank's loss is finite. Otherwise the update is skipped and counted
+        (``train.skip_nonfinite``), and too many in a row stop the run with NonFiniteLossError."""
+        bad = all_reduce_sum({"bad": (~torch.isfinite(loss.detach())).to(torch.float64)})["bad"]
+        if float(bad) == 0:
+            self.consecutive_nonfinite = 0
+            return True
+        self.nonfinite_steps += 1
+        self.consecutive_nonfinite += 1
+        tc = self.cfg.train
+        if not tc.skip_nonfinite or self.consecutive_nonfinite > tc.max_consecutive_nonfinite:
+            latest = ckpt.find_latest_checkpoint(self.run_dir)
+            raise NonFiniteLossError(
+                f"The loss was NaN/inf at step {self.step} ({self.consecutive_nonfinite} step(s) in a row, "
+                f"{self.nonfinite_steps} in this run). Nothing from these steps was applied; the last good "
+                f"checkpoint is {latest or 'none'}. Lower train.lr, check the data, or raise "
+                f"train.max_consecutive_nonfinite, then resume with mode=resume."
+            )
+        return False
+
+    def _full_parameters(self, modify: bool = False):
+        """Whole parameters on every rank for the duration (ZeRO-3 partitions them; a no-op
+        below stage 3). With ``modify``, rank 0's in-place changes are written back."""
+        if self.cfg.deepspeed.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=0 if modify else None)
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Evaluate with the EMA weights; the live weights are restored afterwards."""
+        if self.ema is None:
+            yield
+            return
+        params = dict(self.model.named_parameters())
+        with self._full_parameters(modify=True):
+            live = {name: p.detach().clone() for name, p in params.items()}
+            self.ema.copy_to(params.items())
+        try:
+            yield
+        finally:
+            with self._full_parameters(modify=True), torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(live[name])
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -150,9 +208,8 @@ class Trainer:
         batch_size = cfg.train.eval_batch_size or self.local_batch
         sums = {k: torch.zeros((), dtype=torch.float64, device=self.world.device) for k in
                 ("count", "exact", "token", "q_halt_acc", "early_exact", "early_token", "early_steps")}
-        swap = self.ema.swapped_in(self.model.named_parameters()) if self.ema is not None else contextlib.nullcontext()
         self.engine.eval()
-        with swap:
+        with self._ema_weights():
             stride = batch_size * self.world.size
             for start in range(self.world.rank * batch_size, n, stride):
                 batch = {k: v.to(self.world.device) for k, v in self.dataset.eval_examples(start, min(start + batch_size, n)).items()}
@@ -228,6 +285,7 @@ class Trainer:
             "world_size": self.world.size,
             "best_value": self.best_value,
             "best_step": self.best_step,
+            "nonfinite_steps": self.nonfinite_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "puzzle_optimizer": self.puzzle_optimizer.state_dict() if self.puzzle_optimizer is not None else None,
         }
@@ -256,6 +314,7 @@ class Trainer:
         self.step = state["step"]
         self.stream_position = state["stream_position"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
+        self.nonfinite_steps = state["nonfinite_steps"]
         if self.ema is not None:
             if state["ema"] is None:
                 raise ckpt.CheckpointError(f"Checkpoint {path} has no EMA state but train.ema is true.")
@@ -336,6 +395,7 @@ class Trainer:
             "train/lr": lr,
             "train/examples_per_s": slots / max(seconds, 1e-9),
             "train/stream_position": self.stream_position,
+            "train/nonfinite_steps": self.nonfinite_steps,
         }
         if "q_continue_loss" in totals:
             summary["train/q_continue_loss"] = float(totals["q_continue_loss"]) / slots

@@ -1,0 +1,173 @@
+"""Dataset command line: build, import and inspect datasets in the reference layout.
+
+    python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000 --seed 0
+    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
+    python -m trm.data inspect data/sudoku
+
+A new builder is one more ``build`` subcommand: a function that adds its arguments to a parser
+and sets ``run`` (see ``_add_sudoku_builder``). Invalid arguments print one line ``error: ...``
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from trm.data.format import DatasetError, summarize_dataset
+from trm.data.sudoku import MAX_UNIQUE_BLANKS, PuzzleGenerationError, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
+
+
+class UsageError(Exception):
+    """An invalid command-line argument; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (no usage dump) and exit with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _count(name: str, value: int | None) -> None:
+    if value is not None and value < 0:
+        raise UsageError(f"{name} must be >= 0, got {value}")
+
+
+def _blank_range(low_name: str, low: int, high_name: str, high: int) -> None:
+    for name, value in ((low_name, low), (high_name, high)):
+        if not 0 <= value <= MAX_UNIQUE_BLANKS:
+            raise UsageError(f"{name} must be in 0..{MAX_UNIQUE_BLANKS} (a Sudoku with more blanks has no unique solution), got {value}")
+    if low > high:
+        raise UsageError(f"{low_name} ({low}) is larger than {high_name} ({high})")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its dataset files")
+
+
+def _report_written(out: Path, started: float) -> None:
+    print(f"wrote {out} in {time.perf_counter() - started:.1f}s; inspect it with `python -m trm.data inspect {out}`")
+
+
+def _add_out(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="dataset directory to write")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (files of the same name are replaced)")
+
+
+def _add_sudoku_builder(builders: argparse._SubParsersAction) -> None:
+    parser = builders.add_parser("sudoku", help="generate unique-solution 9x9 Sudoku puzzles")
+    _add_out(parser)
+    parser.add_argument("--train-puzzles", type=int, required=True, help="distinct training puzzles")
+    parser.add_argument("--aug", type=int, required=True, help="stored augmentations per training puzzle (0 = none)")
+    parser.add_argument("--test-puzzles", type=int, required=True, help="held-out test puzzles (never augmented)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed; equal arguments give byte-identical files (default 0)")
+    parser.add_argument("--min-blanks", type=int, default=54, help="fewest blank cells of a training puzzle (default 54; above 58 generation slows down sharply, 60 is the practical limit)")
+    parser.add_argument("--max-blanks", type=int, default=54, help="most blank cells of a training puzzle (default 54)")
+    parser.add_argument("--test-min-blanks", type=int, help="fewest blanks of a test puzzle (default --min-blanks)")
+    parser.add_argument("--test-max-blanks", type=int, help="most blanks of a test puzzle (default --max-blanks)")
+    parser.add_argument("--workers", type=int, help="generator processes (default: all CPUs); the output does not depend on it")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("train_puzzles", "aug", "test_puzzles", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        test_min = args.min_blanks if args.test_min_blanks is None else args.test_min_blanks
+        test_max = args.max_blanks if args.test_max_blanks is None else args.test_max_blanks
+        _blank_range("--min-blanks", args.min_blanks, "--max-blanks", args.max_blanks)
+        _blank_range("--test-min-blanks", test_min, "--test-max-blanks", test_max)
+        if args.workers is not None and args.workers < 1:
+            raise UsageError(f"--workers must be >= 1, got {args.workers}")
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        build_sudoku(
+            args.out,
+            train_puzzles=args.train_puzzles,
+            test_puzzles=args.test_puzzles,
+            aug=args.aug,
+            seed=args.seed,
+            min_blanks=args.min_blanks,
+            max_blanks=args.max_blanks,
+            test_min_blanks=test_min,
+            test_max_blanks=test_max,
+            workers=args.workers,
+        )
+        _report_written(args.out, started)
+
+    parser.set_defaults(run=run)
+
+
+def _add_sudoku_csv_importer(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("import-sudoku-csv", help="convert Sudoku-Extreme CSVs (source,question,answer,rating)")
+    _add_out(parser)
+    parser.add_argument("--train-csv", type=Path, required=True, help="training CSV")
+    parser.add_argument("--test-csv", type=Path, required=True, help="test CSV")
+    parser.add_argument("--subsample", type=int, help="keep this many training puzzles (seeded choice; default all)")
+    parser.add_argument("--test-subsample", type=int, help="keep this many test puzzles (seeded choice; default all)")
+    parser.add_argument("--aug", type=int, default=0, help="stored augmentations per training puzzle (default 0)")
+    parser.add_argument("--min-rating", type=float, help="drop puzzles rated below this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsample and the augmentations (default 0)")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("subsample", "test_subsample", "aug", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        for csv_path in (args.train_csv, args.test_csv):
+            if not csv_path.is_file():
+                raise UsageError(f"CSV file {csv_path} does not exist")
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        import_sudoku_csv(
+            args.out,
+            train_csv=args.train_csv,
+            test_csv=args.test_csv,
+            subsample=args.subsample,
+            aug=args.aug,
+            min_rating=args.min_rating,
+            seed=args.seed,
+            test_subsample=args.test_subsample,
+        )
+        _report_written(args.out, started)
+
+    parser.set_defaults(run=run)
+
+
+def _add_inspect(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("inspect", help="validate a dataset directory and print its summary")
+    parser.add_argument("path", type=Path, help="dataset directory")
+
+    def run(args: argparse.Namespace) -> None:
+        print(summarize_dataset(args.path, details=lambda split: blank_histogram(split) if is_sudoku_split(split) else ""))
+
+    parser.set_defaults(run=run)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The full command-line parser (``build <kind>``, ``import-sudoku-csv``, ``inspect``)."""
+    parser = _Parser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    build = commands.add_parser("build", help="generate a dataset")
+    builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+    _add_sudoku_builder(builders)
+    _add_sudoku_csv_importer(commands)
+    _add_inspect(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 invalid arguments or dataset)."""
+    try:
+        args = make_parser().parse_args(argv)
+        args.run(args)
+    except (UsageError, DatasetError, PuzzleGenerationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The dataset the trainer sees: a directory in the reference layout, as tensors.
+
+Training samples are addressed by GLOBAL sample index (``SampleStream``): sample ``k`` is the
+same example, with the same on-the-fly augmentation, whatever the world size, and the run's
+data position is one integer. Labels equal to the dataset's ``ignore_label_id`` become -100.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trm.data.format import SplitData, load_split
+from trm.data.stream import SampleStream
+from trm.ops.reference import IGNORE_LABEL_ID
+
+AUGMENTATIONS = ("none", "sudoku")
+
+
+class PuzzleDataset:
+    """Train split + evaluation split of one dataset directory."""
+
+    def __init__(self, path: str | Path, seed: int, augment: str = "none", eval_split: str = "test"):
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"Unknown augmentation '{augment}'; choose one of {AUGMENTATIONS}.")
+        self.path = Path(path)
+        self.seed = seed
+        self.augment = augment
+        self.train = load_split(self.path, "train")
+        self.eval = load_split(self.path, eval_split)
+        meta, eval_meta = self.train.metadata, self.eval.metadata
+        if (meta.seq_len, meta.vocab_size) != (eval_meta.seq_len, eval_meta.vocab_size):
+            raise ValueError(
+                f"Splits of {self.path} disagree: train has seq_len {meta.seq_len} / vocab {meta.vocab_size}, "
+                f"{eval_split} has {eval_meta.seq_len} / {eval_meta.vocab_size}. Rebuild the dataset."
+            )
+        self.stream = SampleStream(self.train, seed)
+
+    @property
+    def model_dims(self) -> dict[str, int]:
+        """The data-shape keys the model is built with."""
+        meta = self.train.metadata
+        return {
+            "seq_len": meta.seq_len,
+            "vocab_size": meta.vocab_size,
+            "num_puzzle_identifiers": max(meta.num_puzzle_identifiers, self.eval.metadata.num_puzzle_identifiers),
+        }
+
+    def _tensors(self, split: SplitData, example_idx: np.ndarray, inputs: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor]:
+        labels = labels.astype(np.int64)
+        labels[labels == split.metadata.ignore_label_id] = IGNORE_LABEL_ID
+        return {
+            "inputs": torch.from_numpy(inputs.astype(np.int32)),
+            "labels": torch.from_numpy(labels),
+            "puzzle_identifiers": torch.from_numpy(split.example_puzzle_identifier(example_idx).astype(np.int32)),
+        }
+
+    def train_examples(self, global_positions: np.ndarray) -> dict[str, torch.Tensor]:
+        """Training samples at the given global stream positions (augmented when configured)."""
+        idx = self.stream.indices(np.asarray(global_positions, dtype=np.int64))
+        inputs = np.array(self.train.inputs[idx])
+        labels = np.array(self.train.labels[idx])
+        if self.augment == "sudoku":
+            from trm.data.sudoku import augment_at
+
+            inputs, labels = augment_at(inputs, labels, self.seed, global_positions)
+        return self._tensors(self.train, idx, inputs, labels)
+
+    @property
+    def num_eval_examples(self) -> int:
+        return self.eval.num_examples
+
+    def eval_examples(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Evaluation examples ``start:stop`` in stored order, never augmented."""
+        idx = np.arange(start, stop)
+        return self._tensors(self.eval, idx, np.array(self.eval.inputs[start:stop]), np.array(self.eval.labels[start:stop]))
