@@ -238,3 +238,25 @@ def test_nonfinite_loss_is_skipped_counted_and_then_fatal(tmp_path, sudoku_dir, 
     trainer.step = 6
     with pytest.raises(trainer_module.NonFiniteLossError, match="NaN/inf at step 6 .3 step.s. in a row"):
         trainer.train_step()
+
+
+def test_failed_save_keeps_earlier_checkpoints_and_says_why(tmp_path, sudoku_dir, monkeypatch):
+    import errno
+
+    trainer = _in_process_trainer(tmp_path, sudoku_dir, max_steps=4, eval_interval=0, checkpoint_interval=0)
+    trainer.step = 1
+    trainer.train_step()
+    first = trainer.save_checkpoint()
+    assert ckpt.is_complete(first)
+
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "save_torch", disk_full)
+    trainer.step = 2
+    trainer.train_step()
+    with pytest.raises(ckpt.CheckpointError, match="No space left on device.*earlier checkpoints are untouched"):
+        trainer.save_checkpoint()
+    assert find_latest_checkpoint(tmp_path / "run") == first
+    assert not ckpt.is_complete(ckpt.step_dir(tmp_path / "run", 2))
+    assert _load_any(first / "trainer_state.pt")["step"] == 1

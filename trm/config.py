@@ -157,8 +157,8 @@ class TrainConfig:
     """EMA decay."""
     eval_interval: int = 1000
     """Evaluate every this many steps (and at the end); 0 disables periodic evaluation."""
-    eval_early_exit: bool = True
-    """Also report accuracy when each sample stops at q_halt > 0."""
+    eval_halt_max_steps: Optional[int] = None
+    """Supervision steps run at evaluation (default: model.halt_max_steps; more = more test-time compute)."""
     checkpoint_interval: int = 1000
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_last: int = 3
@@ -173,6 +173,12 @@ class TrainConfig:
     """Stop (evaluate, checkpoint) once this much wall time has passed since the start."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    shard_puzzle_table: bool = False
+    """Shard the puzzle-embedding table by rows across ranks (each holds ~1/W of it)."""
+    save_timeout_minutes: float = 10.0
+    """A checkpoint save waits this long for every rank before failing with a clear error."""
+    collective_timeout_minutes: float = 30.0
+    """Timeout of every collective operation (a hung rank fails the job instead of blocking it forever)."""
     skip_nonfinite: bool = True
     """Skip (and count) an update whose loss is NaN/inf instead of applying it."""
     max_consecutive_nonfinite: int = 20

@@ -80,14 +80,15 @@ def build_dataset(cfg: Config, world: World):
 
 
 @register_trainer("trm")
-def _trm_trainer(cfg: Config, world: World, model, dataset):
+def _trm_trainer(cfg: Config, world: World, model, dataset, resume_from=None):
     from trm.train.trainer import Trainer
 
-    return Trainer(cfg, world, model, dataset)
+    return Trainer(cfg, world, model, dataset, resume_from)
 
 
-def build_trainer(cfg: Config, world: World, model, dataset):
-    return _lookup(TRAINERS, "trainer", cfg.trainer, "trainer")(cfg, world, model, dataset)
+def build_trainer(cfg: Config, world: World, model, dataset, resume_from=None):
+    """The configured trainer; ``resume_from`` is the checkpoint it will continue from (or None)."""
+    return _lookup(TRAINERS, "trainer", cfg.trainer, "trainer")(cfg, world, model, dataset, resume_from)
 
 
 def build_model_for(cfg: Config, model_dims: dict[str, int], world: World):

@@ -72,7 +72,7 @@ class PuzzleDataset:
     def num_eval_examples(self) -> int:
         return self.eval.num_examples
 
-    def eval_examples(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Evaluation examples ``start:stop`` in stored order, never augmented."""
-        idx = np.arange(start, stop)
-        return self._tensors(self.eval, idx, np.array(self.eval.inputs[start:stop]), np.array(self.eval.labels[start:stop]))
+    def eval_examples(self, example_idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Evaluation examples at the given indices, never augmented."""
+        idx = np.asarray(example_idx, dtype=np.int64)
+        return self._tensors(self.eval, idx, np.array(self.eval.inputs[idx]), np.array(self.eval.labels[idx]))

@@ -11,6 +11,7 @@ I SwiGLU inner width.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -169,9 +170,11 @@ class SparsePuzzleEmbedding(nn.Module):
         self.register_buffer("weights", torch.zeros(num_ids, dim))
         self.local_ids: torch.Tensor | None = None
         self.local_weights: torch.Tensor | None = None
+        self.lookup: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Replaces ``weights[ids]`` when the table is stored elsewhere (e.g. sharded by the trainer)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.weights[ids]
+        rows = self.lookup(ids) if self.lookup is not None else self.weights[ids]
         if not (self.training and torch.is_grad_enabled()):
             return rows.to(self.cast_to)
         self.local_ids = ids

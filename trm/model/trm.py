@@ -209,7 +209,11 @@ class TRM(nn.Module):
             {k: torch.zeros_like(v) for k, v in batch.items()},
         )
 
-    def forward(self, carry: ACTCarry, batch: dict[str, torch.Tensor]):
+    def forward(self, carry: ACTCarry, batch: dict[str, torch.Tensor],
+                exploration: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """One supervision step. ``exploration`` = (uniform [B] in [0, 1), min_steps [B] in
+        [2, halt_max_steps]) lets the caller supply the exploration draws (e.g. keyed by global
+        slot so a run does not depend on its world size); by default they are drawn here."""
         cfg = self.config
         inner_carry = self.inner.reset_carry(carry.halted, carry.inner_carry)
         steps = torch.where(carry.halted, 0, carry.steps)
@@ -226,8 +230,10 @@ class TRM(nn.Module):
             halted = is_last_step
             if self.training and cfg.halt_max_steps > 1:
                 halted = halted | ((q_halt > 0) if cfg.no_ACT_continue else (q_halt > q_continue))
-                explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
-                min_steps = explore * torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1)
+                if exploration is None:
+                    exploration = (torch.rand_like(q_halt), torch.randint_like(steps, low=2, high=cfg.halt_max_steps + 1))
+                uniform, drawn_min_steps = exploration
+                min_steps = (uniform < cfg.halt_exploration_prob) * drawn_min_steps
                 halted = halted & (steps >= min_steps)
                 if not cfg.no_ACT_continue:
                     # Q-learning target for q_continue: the next step's best value (bootstrapped).

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
         resume_from = resolve_resume(cfg)
-        world = init_world(cfg.device)
+        world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(cfg.seed)
         model = build_model_for(cfg, dataset.model_dims, world)
         torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
-        trainer = build_trainer(cfg, world, model, dataset)
-        result = trainer.fit(resume_from)
+        trainer = build_trainer(cfg, world, model, dataset, resume_from)
+        result = trainer.fit()
     except (ConfigError, DatasetError, CheckpointError, RunError, NonFiniteLossError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"trm.train: error: {err}", file=sys.stderr)

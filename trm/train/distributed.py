@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,10 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_world(requested_device: str) -> World:
+_CONTROL_GROUP = None
+
+
+def init_world(requested_device: str, timeout_minutes: float = 30.0) -> World:
     """Fill missing rank variables, pick the device, and start the process group (idempotent)."""
     for slurm, torch_name in SLURM_TO_TORCH.items():
         if torch_name not in os.environ and slurm in os.environ:
@@ -62,7 +66,11 @@ def init_world(requested_device: str) -> World:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=timedelta(minutes=timeout_minutes))
+    global _CONTROL_GROUP
+    if size > 1 and _CONTROL_GROUP is None:
+        _CONTROL_GROUP = dist.new_group(backend="gloo")
     return World(rank, local_rank, size, device)
 
 
@@ -85,6 +93,16 @@ def all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(keys, packed.unbind()))
 
 
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+def barrier(timeout_s: float | None = None, what: str = "") -> None:
+    """Wait for every rank. With ``timeout_s``, a rank that does not arrive in time raises
+    TimeoutError naming it (gloo's monitored barrier on a control group, also under NCCL)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    if timeout_s is None or _CONTROL_GROUP is None:
         dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(group=_CONTROL_GROUP, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        raise TimeoutError(f"not every rank reached {what or 'the barrier'} within {timeout_s:.0f} s: "
+                           f"{str(err).splitlines()[0]}") from None

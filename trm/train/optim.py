@@ -274,7 +274,8 @@ class PuzzleEmbeddingSignSGD:
         p[id] = p[id] * (1 - lr * weight_decay) - lr * sign(g_sum[id])
 
     Rows not used this step are untouched (no weight decay either). Every rank
-    ends with the same table. ``param_groups = [{"lr", "weight_decay"}]`` lets the
+    ends with the same table. With a row-sharded table, pass the rank's shard as
+    ``table`` and its first row as ``row_offset``: only the rows it owns are updated. ``param_groups = [{"lr", "weight_decay"}]`` lets the
     network's LR schedule drive it; ``lr`` and ``weight_decay`` are views of that group.
     """
 
@@ -284,6 +285,8 @@ class PuzzleEmbeddingSignSGD:
         lr: float,
         weight_decay: float,
         process_group: dist.ProcessGroup | None = None,
+        table: Tensor | None = None,
+        row_offset: int = 0,
     ) -> None:
         if not lr >= 0.0:
             raise ValueError(f"invalid learning rate: {lr}")
@@ -291,6 +294,8 @@ class PuzzleEmbeddingSignSGD:
             raise ValueError(f"invalid weight_decay: {weight_decay}")
         self.module = module
         self.process_group = process_group
+        self.table = table
+        self.row_offset = row_offset
         self.param_groups: list[dict[str, float]] = [{"lr": lr, "weight_decay": weight_decay}]
 
     @property
@@ -332,17 +337,19 @@ class PuzzleEmbeddingSignSGD:
         if local_weights is None or local_weights.grad is None:
             return
         ids, grads = self._gather(self.module.local_ids, local_weights.grad)
-        table = self.module.weights
+        table = self.table if self.table is not None else self.module.weights
 
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         grad_sums = grads.new_zeros((unique_ids.shape[0], grads.shape[1]))
         grad_sums.index_add_(0, inverse, grads)
 
-        unique_ids = unique_ids.to(device=table.device, dtype=torch.int64)
-        rows = table.index_select(0, unique_ids)
+        local_ids = unique_ids.to(device=table.device, dtype=torch.int64) - self.row_offset
+        owned = (local_ids >= 0) & (local_ids < table.shape[0])
+        local_ids, grad_sums = local_ids[owned], grad_sums[owned.to(grad_sums.device)]
+        rows = table.index_select(0, local_ids)
         rows.mul_(1.0 - self.lr * self.weight_decay)
         rows.add_(torch.sign(grad_sums).to(rows), alpha=-self.lr)
-        table.index_copy_(0, unique_ids, rows)
+        table.index_copy_(0, local_ids, rows)
 
     def zero_grad(self) -> None:
         """Drop ``local_weights.grad`` (set to None)."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
 from trm.train.ema import EMA
 from trm.train.metrics import MetricsLog
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
+from trm.train.puzzle_table import ShardedPuzzleTable
 from trm.train.schedule import lr_at
 
 
@@ -56,6 +59,9 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
     }
 
 
+UNIVERSAL_TAG = "universal"
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many steps; the message says what to do."""
 
@@ -63,7 +69,8 @@ class NonFiniteLossError(RuntimeError):
 class Trainer:
     """Owns the engine, optimizers, EMA, ACT carry and data position of one run."""
 
-    def __init__(self, cfg: Config, world: World, model: torch.nn.Module, dataset: PuzzleDataset):
+    def __init__(self, cfg: Config, world: World, model: torch.nn.Module, dataset: PuzzleDataset,
+                 resume_from: Path | None = None):
         import deepspeed
 
         if cfg.train.global_batch_size % world.size:
@@ -76,14 +83,24 @@ class Trainer:
         self.local_batch = cfg.train.global_batch_size // world.size
         model = model.to(world.device)
         tc = cfg.train
+        self.puzzle_table = None
+        if tc.shard_puzzle_table and model.puzzle_emb is not None:
+            self.puzzle_table = ShardedPuzzleTable(model.puzzle_emb, world)
         optimizer = build_optimizer(tc.optimizer, model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
+        self.resume_from = resume_from
+        ds_config = deepspeed_config(cfg, world)
+        if resume_from is not None and self._prepare_universal(resume_from):
+            ds_config["checkpoint"] = {"load_universal": True}
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
         puzzle_emb = self.model.puzzle_emb
-        self.puzzle_optimizer = (
-            PuzzleEmbeddingSignSGD(puzzle_emb, lr=tc.puzzle_emb_lr, weight_decay=tc.puzzle_emb_weight_decay)
-            if puzzle_emb is not None else None
-        )
+        self.puzzle_optimizer = None
+        if puzzle_emb is not None:
+            table = self.puzzle_table
+            self.puzzle_optimizer = PuzzleEmbeddingSignSGD(
+                puzzle_emb, lr=tc.puzzle_emb_lr, weight_decay=tc.puzzle_emb_weight_decay,
+                table=table.shard if table else None, row_offset=table.lo if table else 0,
+            )
         self.ema = None
         if tc.ema:
             with self._full_parameters():
@@ -122,6 +139,17 @@ class Trainer:
         self.stream_position += int(halted_global.sum())
         return batch
 
+    def _exploration_draws(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ACT exploration draws keyed by (seed, step, global slot): the same for a slot whatever
+        the number of processes, and reproducible on resume without any RNG state."""
+        generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step) % 2**63)
+        global_batch = self.cfg.train.global_batch_size
+        uniform = torch.rand(global_batch, generator=generator)
+        min_steps = torch.randint(2, max(self.cfg.model.halt_max_steps, 2) + 1, (global_batch,), generator=generator, dtype=torch.int32)
+        lo = self.world.rank * self.local_batch
+        return (uniform[lo:lo + self.local_batch].to(self.world.device),
+                min_steps[lo:lo + self.local_batch].to(self.world.device))
+
     # ----------------------------------------------------------------- steps
     def _set_lr(self) -> float:
         tc = self.cfg.train
@@ -136,7 +164,7 @@ class Trainer:
         """One supervision step over all slots; returns the step's metric sums (this rank)."""
         self.engine.train()
         batch = self._refill()
-        self.carry, outputs = self.engine(self.carry, batch)
+        self.carry, outputs = self.engine(self.carry, batch, exploration=self._exploration_draws())
         loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
                                  self.carry.steps, self.cfg.model.loss_type)
         if not self._finite_everywhere(loss):
@@ -209,45 +237,55 @@ class Trainer:
         sums = {k: torch.zeros((), dtype=torch.float64, device=self.world.device) for k in
                 ("count", "exact", "token", "q_halt_acc", "early_exact", "early_token", "early_steps")}
         self.engine.eval()
+        stride = batch_size * self.world.size
         with self._ema_weights():
-            stride = batch_size * self.world.size
-            for start in range(self.world.rank * batch_size, n, stride):
-                batch = {k: v.to(self.world.device) for k, v in self.dataset.eval_examples(start, min(start + batch_size, n)).items()}
-                self._evaluate_batch(batch, sums)
+            # Every rank runs the same number of equally sized batches (lookups may be collective);
+            # rows past the end repeat example 0 and are not counted.
+            for first in range(0, n, stride):
+                idx = first + self.world.rank * batch_size + torch.arange(batch_size)
+                valid = idx < n
+                rows = torch.where(valid, idx, 0).numpy()
+                batch = {k: v.to(self.world.device) for k, v in self.dataset.eval_examples(rows).items()}
+                self._evaluate_batch(batch, valid.to(self.world.device), sums)
         totals = all_reduce_sum(sums)
         count = max(float(totals["count"]), 1.0)
         return {
             "eval/exact_accuracy": float(totals["exact"]) / count,
             "eval/token_accuracy": float(totals["token"]) / count,
             "eval/q_halt_accuracy": float(totals["q_halt_acc"]) / count,
-            "eval/steps": float(cfg.model.halt_max_steps),
+            "eval/steps": float(self.eval_steps),
             "eval/early_exit/exact_accuracy": float(totals["early_exact"]) / count,
             "eval/early_exit/token_accuracy": float(totals["early_token"]) / count,
             "eval/early_exit/steps": float(totals["early_steps"]) / count,
             "eval/count": float(totals["count"]),
         }
 
-    def _evaluate_batch(self, batch: dict[str, torch.Tensor], sums: dict[str, torch.Tensor]) -> None:
+    @property
+    def eval_steps(self) -> int:
+        return self.cfg.train.eval_halt_max_steps or self.cfg.model.halt_max_steps
+
+    def _evaluate_batch(self, batch: dict[str, torch.Tensor], valid: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
         labels = batch["labels"]
         mask = labels != -100
         counts = mask.sum(-1).clamp_min(1)
         carry = self.model.initial_carry(batch)
         stopped = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
-        max_steps = self.cfg.model.halt_max_steps
+        max_steps = self.eval_steps
         for step in range(1, max_steps + 1):
             carry, outputs = self.engine(carry, batch)
+            carry.halted = torch.zeros_like(carry.halted)  # keep recursing past the model's own limit
             correct = mask & (outputs["logits"].argmax(-1) == labels)
             token_acc = correct.sum(-1) / counts
             exact = correct.sum(-1) == mask.sum(-1)
-            stop_now = ~stopped & ((outputs["q_halt_logits"] > 0) | (step == max_steps))
+            stop_now = valid & ~stopped & ((outputs["q_halt_logits"] > 0) | (step == max_steps))
             sums["early_exact"] += (exact & stop_now).sum()
             sums["early_token"] += token_acc[stop_now].sum()
             sums["early_steps"] += stop_now.sum() * step
             stopped |= stop_now
-        sums["count"] += labels.shape[0]
-        sums["exact"] += exact.sum()
-        sums["token"] += token_acc.sum()
-        sums["q_halt_acc"] += ((outputs["q_halt_logits"] >= 0) == exact).sum()
+        sums["count"] += valid.sum()
+        sums["exact"] += (exact & valid).sum()
+        sums["token"] += token_acc[valid].sum()
+        sums["q_halt_acc"] += (((outputs["q_halt_logits"] >= 0) == exact) & valid).sum()
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -261,16 +299,22 @@ class Trainer:
             barrier()
             self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False,
                                         client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
-            rank_state = {"rng": self._rng_state(), "carry": _to_cpu(self.carry.state_dict())}
+            rank_state = {"rng": self._rng_state(), "carry": _to_cpu(self.carry.state_dict()),
+                          "puzzle_table": self.puzzle_table.state_dict() if self.puzzle_table else None}
             ckpt.save_torch(rank_state, path / f"rank_{self.world.rank}.pt")
             if self.world.is_main:
                 ckpt.save_torch(self._trainer_state(), path / "trainer_state.pt")
                 (path / "config.yaml").write_text(to_yaml(self.cfg))
-            barrier()
+            barrier(60 * self.cfg.train.save_timeout_minutes, f"the end of saving {path}")
             if self.world.is_main:
                 ckpt.commit(path, self.step)
                 ckpt.prune(self.run_dir, self.cfg.train.keep_last, self.best_step, self.step)
             barrier()
+        except TimeoutError as err:
+            raise ckpt.CheckpointError(
+                f"Saving checkpoint {path} timed out: {err}. It has no {ckpt.COMMIT_MARKER} marker, so resuming "
+                f"ignores it; earlier checkpoints are untouched."
+            ) from None
         except OSError as err:
             raise ckpt.CheckpointError(
                 f"Saving checkpoint {path} failed ({err.strerror or err}); earlier checkpoints are untouched. "
@@ -283,6 +327,8 @@ class Trainer:
             "step": self.step,
             "stream_position": self.stream_position,
             "world_size": self.world.size,
+            "global_batch_size": self.cfg.train.global_batch_size,
+            "puzzle_table_sharded": self.puzzle_table is not None,
             "best_value": self.best_value,
             "best_step": self.best_step,
             "nonfinite_steps": self.nonfinite_steps,
@@ -296,21 +342,51 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.world.device)
         return state
 
+    def _prepare_universal(self, path: Path) -> bool:
+        """A ZeRO 1-3 checkpoint written by another number of processes is converted once to
+        DeepSpeed's universal format (``<ckpt>/universal``, rank 0) so it loads at this world size.
+        Returns whether the engine must load it as universal."""
+        if not ckpt.is_complete(path):
+            raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
+        state = ckpt.load_torch(path / "trainer_state.pt")
+        if state["world_size"] == self.world.size or self.cfg.deepspeed.zero_stage == 0:
+            return False
+        if state.get("global_batch_size", self.cfg.train.global_batch_size) != self.cfg.train.global_batch_size:
+            raise ckpt.CheckpointError(
+                f"Checkpoint {path} was trained with global_batch_size {state['global_batch_size']}; this run asks for "
+                f"{self.cfg.train.global_batch_size}. Keep the global batch when changing the number of processes."
+            )
+        target = path / UNIVERSAL_TAG
+        if self.world.is_main and not (target / "zero").is_dir():
+            proc = subprocess.run(
+                [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "deepspeed"),
+                 "--output_folder", str(target), "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                capture_output=True, text=True,
+            )
+            if proc.returncode != 0:
+                raise ckpt.CheckpointError(
+                    f"Converting {path} (written by {state['world_size']} processes) to DeepSpeed's universal format "
+                    f"failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}"
+                )
+        barrier()
+        return True
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the run continues bit-identically."""
         if not ckpt.is_complete(path):
             raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
         state = ckpt.load_torch(path / "trainer_state.pt")
-        if state["world_size"] != self.world.size:
+        same_world = state["world_size"] == self.world.size
+        if state["puzzle_table_sharded"] != (self.puzzle_table is not None):
             raise ckpt.CheckpointError(
-                f"Checkpoint {path} was written by {state['world_size']} processes; this run has {self.world.size}. "
-                f"Resume with the same number of processes."
+                f"Checkpoint {path} was written with train.shard_puzzle_table={state['puzzle_table_sharded']}; "
+                f"resume with the same setting."
             )
-        rank_state = ckpt.load_torch(path / f"rank_{self.world.rank}.pt")
-        loaded, _ = self.engine.load_checkpoint(str(path), tag="deepspeed", load_optimizer_states=True,
+        tag = "deepspeed" if same_world or self.cfg.deepspeed.zero_stage == 0 else UNIVERSAL_TAG
+        loaded, _ = self.engine.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
-            raise ckpt.CheckpointError(f"DeepSpeed found no model states under {path / 'deepspeed'}.")
+            raise ckpt.CheckpointError(f"DeepSpeed found no model states under {path / tag}.")
         self.step = state["step"]
         self.stream_position = state["stream_position"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
@@ -321,18 +397,30 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         if self.puzzle_optimizer is not None and state["puzzle_optimizer"] is not None:
             self.puzzle_optimizer.load_state_dict(state["puzzle_optimizer"])
-        self.carry = ACTCarry.from_state_dict(rank_state["carry"], self.world.device)
-        torch.set_rng_state(rank_state["rng"]["torch"])
-        if "cuda" in rank_state["rng"]:
-            torch.cuda.set_rng_state(rank_state["rng"]["cuda"], self.world.device)
+        if self.puzzle_table is not None:
+            ranks = [self.world.rank] if same_world else range(state["world_size"])
+            self.puzzle_table.load_shards([ckpt.load_torch(path / f"rank_{r}.pt")["puzzle_table"] for r in ranks])
+        if same_world:
+            rank_state = ckpt.load_torch(path / f"rank_{self.world.rank}.pt")
+            self.carry = ACTCarry.from_state_dict(rank_state["carry"], self.world.device)
+            torch.set_rng_state(rank_state["rng"]["torch"])
+            if "cuda" in rank_state["rng"]:
+                torch.cuda.set_rng_state(rank_state["rng"]["cuda"], self.world.device)
+        else:
+            # Slots are numbered rank-major, so the global carry is the ranks' carries in order;
+            # re-slice it for the new world. (RNG streams are per rank and start afresh.)
+            saved = [ckpt.load_torch(path / f"rank_{r}.pt")["carry"] for r in range(state["world_size"])]
+            whole = _concat_trees(saved)
+            lo = self.world.rank * self.local_batch
+            self.carry = ACTCarry.from_state_dict(_slice_tree(whole, lo, lo + self.local_batch), self.world.device)
         self.metrics.truncate_after(self.step)
 
     # ------------------------------------------------------------------ loop
-    def fit(self, resume_from: Path | None = None) -> dict[str, float]:
+    def fit(self) -> dict[str, float]:
         """Train to ``train.max_steps`` (or the time limit); return the last evaluation."""
         cfg, tc = self.cfg, self.cfg.train
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
+        if self.resume_from is not None:
+            self.load_checkpoint(self.resume_from)
         elif self.world.is_main:
             self.metrics.truncate_after(0)
         if self.world.is_main:
@@ -400,6 +488,18 @@ class Trainer:
         if "q_continue_loss" in totals:
             summary["train/q_continue_loss"] = float(totals["q_continue_loss"]) / slots
         return summary
+
+
+def _concat_trees(trees: list[Any]) -> Any:
+    if isinstance(trees[0], torch.Tensor):
+        return torch.cat(trees)
+    return {k: _concat_trees([t[k] for t in trees]) for k in trees[0]}
+
+
+def _slice_tree(tree: Any, lo: int, hi: int) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree[lo:hi]
+    return {k: _slice_tree(v, lo, hi) for k, v in tree.items()}
 
 
 def _to_cpu(tree: Any) -> Any:
