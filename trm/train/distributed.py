@@ -63,11 +63,20 @@ def init_world(requested_device: str, timeout_minutes: float = 30.0) -> World:
         os.environ["MASTER_PORT"] = str(_free_port())
     rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     device = resolve_device(requested_device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                                   timeout=timedelta(minutes=timeout_minutes))
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # After an elastic restart the agent's store still holds the dead workers' addresses
+            # under the same keys; a per-attempt prefix keeps the new group from dialling them.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=size,
+                                  is_master=False, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"trm/attempt_{restart}", store),
+                                    rank=rank, world_size=size, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     global _CONTROL_GROUP
     if size > 1 and _CONTROL_GROUP is None:
         _CONTROL_GROUP = dist.new_group(backend="gloo")

@@ -60,6 +60,7 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
 
 
 UNIVERSAL_TAG = "universal"
+CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -324,6 +325,7 @@ class Trainer:
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
+            "format": CHECKPOINT_FORMAT,
             "step": self.step,
             "stream_position": self.stream_position,
             "world_size": self.world.size,
@@ -346,9 +348,7 @@ class Trainer:
         """A ZeRO 1-3 checkpoint written by another number of processes is converted once to
         DeepSpeed's universal format (``<ckpt>/universal``, rank 0) so it loads at this world size.
         Returns whether the engine must load it as universal."""
-        if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
-        state = ckpt.load_torch(path / "trainer_state.pt")
+        state = _load_trainer_state(path)
         if state["world_size"] == self.world.size or self.cfg.deepspeed.zero_stage == 0:
             return False
         if state.get("global_batch_size", self.cfg.train.global_batch_size) != self.cfg.train.global_batch_size:
@@ -371,11 +371,19 @@ class Trainer:
         barrier()
         return True
 
+    def _restore_buffers(self, model_states: Path) -> None:
+        """DeepSpeed's universal load restores parameters only; buffers (y0/z0, the replicated
+        puzzle table) come from the original model states."""
+        saved = ckpt.load_torch(model_states)
+        own = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name in saved["buffer_names"]:
+                if name in own and own[name].numel():
+                    own[name].copy_(saved["module"][name])
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the run continues bit-identically."""
-        if not ckpt.is_complete(path):
-            raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
-        state = ckpt.load_torch(path / "trainer_state.pt")
+        state = _load_trainer_state(path)
         same_world = state["world_size"] == self.world.size
         if state["puzzle_table_sharded"] != (self.puzzle_table is not None):
             raise ckpt.CheckpointError(
@@ -387,6 +395,8 @@ class Trainer:
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
             raise ckpt.CheckpointError(f"DeepSpeed found no model states under {path / tag}.")
+        if tag == UNIVERSAL_TAG:
+            self._restore_buffers(path / "deepspeed" / "mp_rank_00_model_states.pt")
         self.step = state["step"]
         self.stream_position = state["stream_position"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
@@ -488,6 +498,20 @@ class Trainer:
         if "q_continue_loss" in totals:
             summary["train/q_continue_loss"] = float(totals["q_continue_loss"]) / slots
         return summary
+
+
+def _load_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.pt of a complete checkpoint in this version's format, or CheckpointError."""
+    if not ckpt.is_complete(path):
+        raise ckpt.CheckpointError(f"Checkpoint {path} has no {ckpt.COMMIT_MARKER} marker: it is incomplete.")
+    state = ckpt.load_torch(path / "trainer_state.pt")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format", "none") if isinstance(state, dict) else type(state).__name__
+        raise ckpt.CheckpointError(
+            f"Checkpoint {path} has trainer-state format {found}; this version reads format {CHECKPOINT_FORMAT}. "
+            f"Resume it with the trm version that wrote it, or start a new run."
+        )
+    return state
 
 
 def _concat_trees(trees: list[Any]) -> Any:
