@@ -65,27 +65,40 @@ def _final_module(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return states["module"]
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, sudoku_dir) -> Path:
-    """One process, ZeRO-0: the trajectory every other layout must reproduce."""
-    root = tmp_path_factory.mktemp("ref")
-    cfg = write_config(root / "cfg.yaml", root / "run", sudoku_dir, TRAIN)
+INVARIANCE_TRAIN = {**TRAIN, "max_steps": 20, "eval_interval": 10, "checkpoint_interval": 10}
+
+
+def _reference(root: Path, sudoku_dir: Path, train: dict) -> Path:
+    cfg = write_config(root / "cfg.yaml", root / "run", sudoku_dir, train)
     torchrun(1, str(cfg))
     return root / "run"
 
 
-@pytest.mark.parametrize("nproc, zero", [(2, 0), (2, 1), (2, 2), (2, 3), (4, 2)])
-def test_loss_curve_is_invariant_to_world_size_and_zero_stage(tmp_path, sudoku_dir, reference_run, nproc, zero):
-    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, TRAIN)
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, sudoku_dir) -> Path:
+    """One process, ZeRO-0, 8 steps: the trajectory the resume tests must follow."""
+    return _reference(tmp_path_factory.mktemp("ref"), sudoku_dir, TRAIN)
+
+
+@pytest.fixture(scope="module")
+def reference_run_20(tmp_path_factory, sudoku_dir) -> Path:
+    """One process, ZeRO-0, 20 steps: the trajectory every other layout must reproduce."""
+    return _reference(tmp_path_factory.mktemp("ref20"), sudoku_dir, INVARIANCE_TRAIN)
+
+
+@pytest.mark.parametrize("nproc, zero", [(2, 0), (2, 1), (2, 2), (2, 3), (4, 0), (4, 1), (4, 2), (4, 3)])
+def test_loss_curve_is_invariant_to_world_size_and_zero_stage(tmp_path, sudoku_dir, reference_run_20, nproc, zero):
+    reference_run = reference_run_20
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, INVARIANCE_TRAIN)
     torchrun(nproc, str(cfg), f"deepspeed.zero_stage={zero}")
     want = _series(reference_run, "train/lm_loss")
     got = _series(tmp_path / "run", "train/lm_loss")
-    assert sorted(got) == list(range(1, TRAIN["max_steps"] + 1))
+    assert sorted(got) == list(range(1, INVARIANCE_TRAIN["max_steps"] + 1))
     for step, value in want.items():
         assert got[step] == pytest.approx(value, rel=1e-4), f"step {step}: {got[step]} vs {value}"
     assert _series(tmp_path / "run", "train/stream_position") == _series(reference_run, "train/stream_position")
     evals = _series(tmp_path / "run", "eval/token_accuracy")
-    assert evals.keys() == {4, 8}
+    assert evals.keys() == {10, 20}
     for step, value in _series(reference_run, "eval/token_accuracy").items():
         assert evals[step] == pytest.approx(value, abs=1e-3)
 
@@ -122,28 +135,43 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "trm.train" in " ".join(p.cmdline())]
 
 
-def test_kill_a_rank_then_resume_matches_uninterrupted_run(tmp_path, sudoku_dir):
-    train = {**TRAIN, "max_steps": 12}
-    straight = tmp_path / "straight"
-    torchrun(2, str(write_config(tmp_path / "a.yaml", straight, sudoku_dir, train)), "deepspeed.zero_stage=1")
+@pytest.fixture(scope="module")
+def straight_two_process_run(tmp_path_factory, sudoku_dir) -> Path:
+    root = tmp_path_factory.mktemp("straight")
+    torchrun(2, str(write_config(root / "cfg.yaml", root / "run", sudoku_dir, {**TRAIN, "max_steps": 12})),
+             "deepspeed.zero_stage=1")
+    return root / "run"
 
+
+# (moment, delay): "save" kills as soon as step_4/ appears, i.e. while the checkpoint is being
+# written; "step" kills a given time after step_4 is complete, i.e. in the middle of later steps.
+KILL_POINTS = [("save", 0.0), ("save", 0.05), ("step", 0.0), ("step", 0.2), ("step", 0.5)]
+
+
+@pytest.mark.parametrize("moment, delay", KILL_POINTS)
+def test_kill_a_rank_then_resume_matches_uninterrupted_run(tmp_path, sudoku_dir, straight_two_process_run, moment, delay):
     killed = tmp_path / "killed"
-    cfg = write_config(tmp_path / "b.yaml", killed, sudoku_dir, train)
+    cfg = write_config(tmp_path / "b.yaml", killed, sudoku_dir, {**TRAIN, "max_steps": 12})
     proc = subprocess.Popen(_torchrun_cmd(2, str(cfg), "deepspeed.zero_stage=1"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = ckpt.step_dir(killed, 4)
     try:
-        _wait_for(lambda: ckpt.step_dir(killed, 4).exists(), proc, "the first save started")
-        _workers(proc)[-1].send_signal(signal.SIGKILL)  # kill rank 1 while (or right after) it saves
+        if moment == "save":
+            _wait_for(first.exists, proc, "the first save started")
+        else:
+            _wait_for(lambda: ckpt.is_complete(first), proc, "the first checkpoint")
+        time.sleep(delay)
+        _workers(proc)[-1].send_signal(signal.SIGKILL)  # rank 1
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
     latest = find_latest_checkpoint(killed)
     assert latest is None or ckpt.is_complete(latest)
-    mode = "mode=auto"
-    torchrun(2, str(cfg), "deepspeed.zero_stage=1", mode)
-    a, b = _final_module(straight, 12), _final_module(killed, 12)
+    if proc.returncode == 0:
+        pytest.fail("the job finished before the kill landed; the kill point is too late to test anything")
+    torchrun(2, str(cfg), "deepspeed.zero_stage=1", "mode=auto")
+    a, b = _final_module(straight_two_process_run, 12), _final_module(killed, 12)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after kill + resume"
