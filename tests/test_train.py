@@ -144,6 +144,7 @@ def test_mode_resume_without_checkpoint_is_a_clear_error(tmp_path, sudoku_dir):
     ("train.max_stpes=5", "Did you mean 'train.max_steps'"),
     ("train.max_steps=many", "train.max_steps"),
     ("model.forward_dtype=float8", "model.forward_dtype"),
+    ("kernels=triton", "not available yet"),
 ])
 def test_bad_config_gives_one_paragraph_error(tmp_path, sudoku_dir, override, expected):
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir)

@@ -211,8 +211,8 @@ class Config:
     """Seed of every random number generator."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    kernels: str = "auto"
-    """Op backends: auto | cuda | triton | torch."""
+    kernels: str = "torch"
+    """Op backends: torch (PyTorch reference) | cpu (native C++ kernels) | auto (fastest verified) | cuda | triton."""
     trainer: str = "trm"
     """Registry name of the trainer (see ``trm.factories.TRAINERS``)."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -228,7 +228,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": ("new", "resume", "auto", "service"),
     "device": ("auto", "cpu", "cuda"),
-    "kernels": ("auto", "cuda", "triton", "torch"),
+    "kernels": ("auto", "cpu", "cuda", "triton", "torch"),
     "model.pos_encodings": ("rope", "learned", "none"),
     "model.forward_dtype": ("bfloat16", "float16", "float32"),
     "model.loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),

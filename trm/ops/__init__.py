@@ -1,29 +1,39 @@
 """The front door of every performance-critical op: the model calls only ``trm.ops.*``.
 
-Each op has a plain-PyTorch reference (float32 math, the ground truth of the tests).
-Fused Triton / CUDA / C++ backends plug in behind the same names (see DESIGN.md, "Ops");
-until a backend is registered, the reference is what runs.
+Each op has a plain-PyTorch reference (``trm.ops.reference``; float32 math, the ground truth of
+the tests). Fused backends plug in behind the same names (see DESIGN.md, "Ops") and are chosen
+by ``set_backend(auto | cpu | torch)`` (``cuda`` / ``triton`` are reserved, not available yet),
+globally or per op (``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``.
+The default is ``torch`` (the reference). Native C++ CPU kernels: ``trm.ops.native``.
 
 Shape legend: B batch, L positions (prefix included), D hidden, H heads, K head_dim,
 V vocabulary.
 """
 
-from trm.ops.reference import (
+from trm.ops.dispatch import (
+    BACKENDS,
     apply_rope,
     attention,
+    get_backend,
     log_stablemax,
     rms_norm,
+    set_backend,
     softmax_cross_entropy,
     stablemax_cross_entropy,
     swiglu,
+    use_backend,
 )
 
 __all__ = [
+    "BACKENDS",
     "apply_rope",
     "attention",
+    "get_backend",
     "log_stablemax",
     "rms_norm",
+    "set_backend",
     "softmax_cross_entropy",
     "stablemax_cross_entropy",
     "swiglu",
+    "use_backend",
 ]

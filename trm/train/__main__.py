@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from trm import ops
 from trm.config import Config, ConfigError, load_config
 from trm.data.format import DatasetError
 from trm.factories import build_dataset, build_model_for, build_trainer
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
+        try:
+            ops.set_backend(cfg.kernels)
+        except ValueError as err:
+            raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
         resume_from = resolve_resume(cfg)
         world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
         if cfg.train.num_threads:
