@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from trm.config import ModelConfig
 from trm.model.layers import (
     Block,
     CastedEmbedding,
@@ -39,35 +40,20 @@ from trm.model.layers import (
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass
-class TRMConfig:
-    """Architecture keys (reference names) plus the data shape the model is built for."""
+@dataclass(kw_only=True)
+class TRMConfig(ModelConfig):
+    """Architecture keys (``trm.config.ModelConfig``: reference names and defaults) plus the
+    data shape the model is built for."""
 
     seq_len: int
     vocab_size: int
     num_puzzle_identifiers: int
     batch_size: int
-    hidden_size: int = 512
-    num_heads: int = 8
-    expansion: float = 4.0
-    H_cycles: int = 3
-    L_cycles: int = 6
-    L_layers: int = 2
-    halt_max_steps: int = 16
-    halt_exploration_prob: float = 0.1
-    pos_encodings: str = "rope"
-    mlp_t: bool = False
-    puzzle_emb_len: int = 16
-    puzzle_emb_ndim: int = 512
-    forward_dtype: str = "bfloat16"
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    no_ACT_continue: bool = True
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "TRMConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known - {"name", "loss_type"})
+        unknown = sorted(set(cfg) - known)
         if unknown:
             raise ValueError(f"Unknown TRM architecture keys {unknown}; known keys: {sorted(known)}")
         return cls(**{k: v for k, v in cfg.items() if k in known})
