@@ -86,11 +86,15 @@ def reference_run_20(tmp_path_factory, sudoku_dir) -> Path:
     return _reference(tmp_path_factory.mktemp("ref20"), sudoku_dir, INVARIANCE_TRAIN)
 
 
-@pytest.mark.parametrize("nproc, zero", [(2, 0), (2, 1), (2, 2), (2, 3), (4, 0), (4, 1), (4, 2), (4, 3)])
-def test_loss_curve_is_invariant_to_world_size_and_zero_stage(tmp_path, sudoku_dir, reference_run_20, nproc, zero):
+@pytest.mark.parametrize("nproc, zero, offload", [
+    (2, 0, False), (2, 1, False), (2, 2, False), (2, 3, False),
+    (4, 0, False), (4, 1, False), (4, 2, False), (4, 3, False),
+    (2, 2, True),  # optimizer state offloaded to the CPU, client optimizer kept
+])
+def test_loss_curve_is_invariant_to_world_size_and_zero_stage(tmp_path, sudoku_dir, reference_run_20, nproc, zero, offload):
     reference_run = reference_run_20
     cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, INVARIANCE_TRAIN)
-    torchrun(nproc, str(cfg), f"deepspeed.zero_stage={zero}")
+    torchrun(nproc, str(cfg), f"deepspeed.zero_stage={zero}", f"deepspeed.offload_optimizer={str(offload).lower()}")
     want = _series(reference_run, "train/lm_loss")
     got = _series(tmp_path / "run", "train/lm_loss")
     assert sorted(got) == list(range(1, INVARIANCE_TRAIN["max_steps"] + 1))

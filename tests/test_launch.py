@@ -369,14 +369,22 @@ def test_deepspeed_hostfile_two_loopback_nodes(tmp_path, sudoku_dir):
     cfg = _tiny_config(tmp_path, sudoku_dir, run_dir)
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
-    port = str(_free_port())
     # PATH is left as it is: putting the venv's bin/ first would switch ninja (the venv's 1.13 vs
     # /usr/bin's 1.11), and each switch makes DeepSpeed JIT-rebuild its CPU shm comm op (minutes here).
     env = _env()
-    launches = [(["bash", str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hosts), str(cfg), "--no_ssh",
-                  f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "device=cpu"], env)
+
+    def two_nodes(*overrides: str) -> list[tuple[list[str], dict[str, str]]]:
+        port = str(_free_port())
+        return [(["bash", str(LAUNCH / "deepspeed.sh"), "--hostfile", str(hosts), str(cfg), "--no_ssh",
+                  f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}", "device=cpu",
+                  *overrides], env)
                 for rank in (0, 1)]
-    logs = _run_together(launches, tmp_path / "logs")
+
+    logs = _run_together(two_nodes(), tmp_path / "logs")
     assert "--module trm.train" in logs[0] and "final evaluation" in logs[0]
     assert _train_steps(run_dir) == [1, 2, 3, 4]
     _assert_complete_checkpoint(run_dir, 4, world_size=2)
+
+    _run_together(two_nodes("mode=resume", "train.max_steps=6"), tmp_path / "logs_resume")
+    assert _train_steps(run_dir) == [1, 2, 3, 4, 5, 6], "a resumed run continues after its checkpoint, no repeats"
+    _assert_complete_checkpoint(run_dir, 6, world_size=2)

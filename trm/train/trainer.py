@@ -54,6 +54,7 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
         "gradient_clipping": cfg.deepspeed.gradient_clipping,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload keeps our client optimizer (AdamATan2) on the CPU
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
