@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
+
+# The Triton kernels run in the CPU interpreter when no NVIDIA GPU is visible; triton reads this
+# when a kernel is defined, so it is set before anything imports triton (checked without torch).
+# The interpreter's tl.dot is a numpy matmul of small blocks: multi-threaded OpenBLAS makes each
+# ~100x slower on this shared 2-core machine, so numpy (not yet imported) gets one BLAS thread.
+if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import subprocess
 import sys
 from pathlib import Path

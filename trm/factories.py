@@ -7,6 +7,9 @@ A new component plugs in from YAML without touching the entry point::
     def build_my_data(cfg, world): ...
     # YAML: data: {name: my_data, path: ...}
 
+Dataset wrappers (``DATASET_WRAPPERS``, e.g. ``rag``: retrieval-augmented examples) wrap the
+built dataset when their config section ``data.<name>`` is set.
+
 ``build_model`` lives in ``trm.model`` (``MODELS``), ``build_optimizer`` in
 ``trm.train.optim`` (``OPTIMIZERS``); both are re-exported here.
 """
@@ -24,6 +27,7 @@ from trm.train.distributed import World, barrier
 from trm.train.optim import OPTIMIZERS, build_optimizer
 
 DATASETS: dict[str, Callable[[Config, World], Any]] = {}
+DATASET_WRAPPERS: dict[str, Callable[[Any, Config, World], Any]] = {}
 TRAINERS: dict[str, Callable[..., Any]] = {}
 
 
@@ -39,6 +43,7 @@ def _registrar(table: dict[str, Callable], kind: str):
 
 
 register_dataset = _registrar(DATASETS, "dataset")
+register_dataset_wrapper = _registrar(DATASET_WRAPPERS, "dataset wrapper")
 register_trainer = _registrar(TRAINERS, "trainer")
 
 
@@ -54,13 +59,24 @@ def build_dataset_dir(cfg: Config, world: World) -> None:
     if (path / "train" / "dataset.json").exists() or cfg.data.build is None:
         return
     if world.is_main:
-        from trm.data.sudoku import build_sudoku
-
         b = cfg.data.build
-        print(f"trm: building {b.kind} dataset at {path} ({b.train_puzzles} train / {b.test_puzzles} test puzzles)", flush=True)
-        build_sudoku(path, train_puzzles=b.train_puzzles, test_puzzles=b.test_puzzles, aug=b.aug, seed=b.seed,
-                     min_blanks=b.min_blanks, max_blanks=b.max_blanks,
-                     test_min_blanks=b.test_min_blanks, test_max_blanks=b.test_max_blanks)
+        print(f"trm: building {b.kind} dataset at {path}", flush=True)
+        if b.kind == "sudoku":
+            from trm.data.sudoku import build_sudoku
+
+            build_sudoku(path, train_puzzles=b.train_puzzles, test_puzzles=b.test_puzzles, aug=b.aug, seed=b.seed,
+                         min_blanks=b.min_blanks, max_blanks=b.max_blanks,
+                         test_min_blanks=b.test_min_blanks, test_max_blanks=b.test_max_blanks)
+        elif b.kind == "maze":
+            from trm.data.maze import build_maze
+
+            build_maze(path, train_mazes=b.train_puzzles, test_mazes=b.test_puzzles, seed=b.seed,
+                       min_path_length=b.min_path_length, max_path_length=b.max_path_length,
+                       aug=b.aug > 0, loops=b.loops)
+        else:
+            from trm.data.arc import build_arc
+
+            build_arc(path, b.kind, aug=b.aug, seed=b.seed, source=b.source, max_tasks=b.max_tasks)
     barrier()
 
 
@@ -72,11 +88,26 @@ def _directory_dataset(cfg: Config, world: World) -> PuzzleDataset:
             f"Dataset directory {cfg.data.path} does not exist. Build one with "
             f"`python -m trm.data build sudoku --out {cfg.data.path} ...`, or add a data.build section to the config."
         )
-    return PuzzleDataset(cfg.data.path, seed=cfg.seed, augment=cfg.data.augment, eval_split=cfg.data.eval_split)
+    from trm.data.curriculum import CurriculumSchedule
+
+    return PuzzleDataset(cfg.data.path, seed=cfg.seed, augment=cfg.data.augment, eval_split=cfg.data.eval_split,
+                         curriculum=CurriculumSchedule.from_config(cfg.curriculum))
+
+
+@register_dataset_wrapper("rag")
+def _retrieval_dataset(dataset: PuzzleDataset, cfg: Config, world: World):
+    from trm.data.rag import build_retrieval_dataset
+
+    return build_retrieval_dataset(dataset, cfg, world.is_main, barrier)
 
 
 def build_dataset(cfg: Config, world: World):
-    return _lookup(DATASETS, "dataset", cfg.data.name, "data.name")(cfg, world)
+    """The configured dataset, wrapped by every wrapper whose ``data.<name>`` section is set."""
+    dataset = _lookup(DATASETS, "dataset", cfg.data.name, "data.name")(cfg, world)
+    for name, wrap in DATASET_WRAPPERS.items():
+        if getattr(cfg.data, name, None) is not None:
+            dataset = wrap(dataset, cfg, world)
+    return dataset
 
 
 @register_trainer("trm")
@@ -99,5 +130,5 @@ def build_model_for(cfg: Config, model_dims: dict[str, int], world: World):
     return build_model({**to_dict(cfg.model), **model_dims, "batch_size": cfg.train.global_batch_size // world.size})
 
 
-__all__ = ["DATASETS", "TRAINERS", "MODELS", "OPTIMIZERS", "register_dataset", "register_trainer",
-           "build_dataset", "build_trainer", "build_model", "build_model_for", "build_optimizer"]
+__all__ = ["DATASETS", "DATASET_WRAPPERS", "TRAINERS", "MODELS", "OPTIMIZERS", "register_dataset",
+           "register_dataset_wrapper", "register_trainer", "build_dataset", "build_trainer", "build_model", "build_model_for", "build_optimizer"]

@@ -136,10 +136,11 @@ class Block(nn.Module):
     def forward(self, h_BLD: torch.Tensor, cos_sin) -> torch.Tensor:
         if self.use_mlp_t:
             h_BDL = h_BLD.transpose(1, 2)
-            h_BLD = ops.rms_norm(h_BDL + self.mlp_t(h_BDL), self.eps).transpose(1, 2)
+            # the norm runs over the sequence axis of the transposed view, without a copy
+            h_BLD = ops.rms_norm(h_BDL, self.eps, residual=self.mlp_t(h_BDL)).transpose(1, 2)
         else:
-            h_BLD = ops.rms_norm(h_BLD + self.self_attn(h_BLD, cos_sin), self.eps)
-        return ops.rms_norm(h_BLD + self.mlp(h_BLD), self.eps)
+            h_BLD = ops.rms_norm(h_BLD, self.eps, residual=self.self_attn(h_BLD, cos_sin))
+        return ops.rms_norm(h_BLD, self.eps, residual=self.mlp(h_BLD))
 
 
 class ReasoningModule(nn.Module):

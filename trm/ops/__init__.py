@@ -2,9 +2,11 @@
 
 Each op has a plain-PyTorch reference (``trm.ops.reference``; float32 math, the ground truth of
 the tests). Fused backends plug in behind the same names (see DESIGN.md, "Ops") and are chosen
-by ``set_backend(auto | cpu | torch)`` (``cuda`` / ``triton`` are reserved, not available yet),
-globally or per op (``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``.
-The default is ``torch`` (the reference). Native C++ CPU kernels: ``trm.ops.native``.
+by ``set_backend(auto | cuda | triton | cpu | torch)``, globally or per op
+(``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``. The default is ``torch``
+(the reference); the trainer sets the config key ``kernels``. Native C++ CPU / CUDA kernels:
+``trm.ops.native`` (``csrc/cpu``, ``csrc/cuda``); Triton kernels: ``trm.ops.triton_backend``
+(``csrc/triton``).
 
 Shape legend: B batch, L positions (prefix included), D hidden, H heads, K head_dim,
 V vocabulary.
@@ -12,6 +14,8 @@ V vocabulary.
 
 from trm.ops.dispatch import (
     BACKENDS,
+    adam_atan2,
+    describe,
     apply_rope,
     attention,
     get_backend,
@@ -26,6 +30,8 @@ from trm.ops.dispatch import (
 
 __all__ = [
     "BACKENDS",
+    "adam_atan2",
+    "describe",
     "apply_rope",
     "attention",
     "get_backend",

@@ -1,53 +1,110 @@
 """One front door per op: ``trm.ops.<op>(...)`` picks the backend, the model never does.
 
-Backends (DESIGN.md, "Ops"):
+Backends (DESIGN.md, "Ops"); each provides some ops, all with the reference's signature:
 
-- ``torch``: the plain-PyTorch reference (``trm.ops.reference``). The default, until the
-  trainer wires the config key ``kernels``.
-- ``cpu``: the native C++ CPU kernels (``trm.ops.native``; JIT-built on first use) for the ops
-  that have one (``rms_norm``, ``stablemax_cross_entropy``). Requesting it explicitly raises if
-  the extension is unavailable, or if such an op gets a non-CPU tensor. Ops without a CPU kernel
-  keep running the reference under a global ``cpu`` (naming such an op in a per-op
-  ``set_backend("cpu", op=...)`` raises).
-- ``auto``: per call, the fastest verified backend for the tensors' device: the native CPU
-  kernel for CPU tensors when it built and passed its self-check, else the reference. A backend
-  that is missing is named once (warning) and the reference runs.
-- ``cuda`` / ``triton``: reserved names, not implemented yet: requesting them raises ValueError.
+- ``torch``: the plain-PyTorch reference (``trm.ops.reference``); every op. The default.
+- ``cpu``: native C++ CPU kernels (``trm.ops.native``, ``torch.ops.trm.*``), CPU tensors.
+- ``cuda``: native CUDA C++ kernels (``trm.ops.native``), CUDA tensors.
+- ``triton``: Triton kernels (``trm.ops.triton_backend``, sources in ``csrc/triton``), CUDA
+  tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``).
+- ``auto``: per call, for the tensors' device, the first AVAILABLE backend of
+  ``AUTO_ORDER[op][device]`` that has the op, else the reference. Every backend in that list
+  passed the error rule of DESIGN.md in the tests, so ``auto`` never trades correctness for
+  speed; the order comes from ``pytest benchmarks`` (an op keeps the reference on a device
+  until a measurement says a kernel is faster there). A missing backend is named once
+  (warning) and the next candidate runs.
+
+Explicit choices fail loudly instead of falling back: ``set_backend("cuda")`` raises at once when
+the backend cannot run here (with the reason), and running an op of an explicit backend on
+tensors of the wrong device raises. Under a global explicit backend, ops that backend has no
+kernel for run the reference (named once); naming such an op in a per-op override raises.
 
 ``set_backend(name)`` sets the global backend; ``set_backend(name, op="rms_norm")`` overrides one
-op (``set_backend(None, op=...)`` removes the override). ``use_backend`` is the context-manager
-form. Some inputs always run the reference whatever the backend, because the native kernels
-don't cover them: ``rms_norm`` over a dim other than the last, float64 inputs (the loss's float64
-contract is bit-exact in the reference).
+op (``set_backend(None, op=...)`` removes the override); ``use_backend`` is the context manager.
+``describe()`` says, per op and device, what ``auto`` runs now.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import warnings
 from typing import Callable, Iterator
 
 import torch
 
-from trm.ops import native, reference
+from trm.ops import reference
 
 log = logging.getLogger("trm.ops")
 
-BACKENDS = ("auto", "cpu", "torch")              # implemented
-FUTURE_BACKENDS = ("cuda", "triton")             # reserved; other work adds them
-OPS = ("apply_rope", "attention", "log_stablemax", "rms_norm", "softmax_cross_entropy",
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+NATIVE_BACKENDS = ("cuda", "triton", "cpu")
+OPS = ("adam_atan2", "apply_rope", "attention", "log_stablemax", "rms_norm", "softmax_cross_entropy",
        "stablemax_cross_entropy", "swiglu")
 
-_REFERENCE: dict[str, Callable] = {op: getattr(reference, op) for op in OPS}
-_NATIVE_CPU: dict[str, Callable] = {
-    "rms_norm": native.rms_norm,
-    "stablemax_cross_entropy": native.stablemax_cross_entropy,
+# auto: candidates per op and device type, best first (anything not listed runs the reference).
+# Attention stays on PyTorch's SDPA (flash / memory-efficient backends) until a GPU benchmark of
+# our Triton kernel beats it at TRM shapes; see benchmarks/.
+_ROWWISE_GPU = ("cuda", "triton")
+AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
+    "rms_norm": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "stablemax_cross_entropy": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "swiglu": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "apply_rope": {"cuda": ("triton",)},
+    "adam_atan2": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "attention": {},
+    "log_stablemax": {},
+    "softmax_cross_entropy": {},
 }
+
+_REFERENCE: dict[str, Callable] = {op: getattr(reference, op) for op in OPS}
 
 _global_backend = "torch"
 _per_op: dict[str, str] = {}
 _warned: set[str] = set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend providers (imported lazily: importing trm.ops builds and imports nothing)
+# ---------------------------------------------------------------------------------------------
+
+def _provider(name: str) -> tuple[dict[str, Callable], Callable[[], tuple[bool, str | None]]]:
+    """``(impls, available)`` of a native backend."""
+    if name in ("cpu", "cuda"):
+        from trm.ops import native
+        if name == "cpu":
+            return native.IMPLS_CPU, native.available_cpu
+        return native.IMPLS_CUDA, native.available_cuda
+    if name == "triton":
+        from trm.ops import triton_backend
+        return triton_backend.IMPLS, triton_backend.available
+    raise ValueError(f"unknown kernel backend {name!r}")
+
+
+def impls(name: str) -> dict[str, Callable]:
+    """The ops backend ``name`` implements (``torch``: all of them)."""
+    return dict(_REFERENCE) if name == "torch" else dict(_provider(name)[0])
+
+
+def available(name: str) -> tuple[bool, str | None]:
+    """Whether backend ``name`` can run here, and why not. Never raises."""
+    if name == "torch":
+        return True, None
+    try:
+        return _provider(name)[1]()
+    except Exception as exc:  # noqa: BLE001 -- a broken backend is "unavailable", with the reason
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def _device_ok(name: str, device: torch.device) -> bool:
+    if name == "cpu":
+        return device.type == "cpu"
+    if name == "cuda":
+        return device.type == "cuda"
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return True
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -55,23 +112,26 @@ def _warn_once(key: str, msg: str) -> None:
         return
     _warned.add(key)
     log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
+
+# ---------------------------------------------------------------------------------------------
+# Choosing
+# ---------------------------------------------------------------------------------------------
 
 def _validate(name: str, op: str | None) -> None:
     if op is not None and op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
-    if name in FUTURE_BACKENDS:
-        raise ValueError(f"kernel backend {name!r} is not available yet: this build implements "
-                         f"{' | '.join(BACKENDS)} (cuda/triton kernels are future work)")
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {' | '.join(BACKENDS)}")
-    if name == "cpu":
-        if op is not None and op not in _NATIVE_CPU:
-            raise ValueError(f"op {op!r} has no native cpu kernel; ops with one: {', '.join(sorted(_NATIVE_CPU))}")
-        if not native.load():
-            raise RuntimeError(f"kernel backend 'cpu' requested but the native CPU extension is unavailable: "
-                               f"{native.status()['reason']}")
+    if name in NATIVE_BACKENDS:
+        ok, reason = available(name)
+        if not ok:
+            raise RuntimeError(f"kernel backend {name!r} was requested but cannot run here: {reason}. "
+                               f"Use kernels=auto (fastest available, else PyTorch) or kernels=torch.")
+        if op is not None and op not in impls(name):
+            raise ValueError(f"op {op!r} has no {name} kernel; {name} implements: "
+                             f"{', '.join(sorted(impls(name)))}")
 
 
 def set_backend(name: str | None, op: str | None = None) -> None:
@@ -115,40 +175,59 @@ def _restore(global_backend: str, per_op: dict[str, str]) -> None:
     _per_op.update(per_op)
 
 
-def _select(op: str, t: torch.Tensor) -> Callable:
+def resolve(op: str, device: torch.device | str) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` now (``torch`` = the reference)."""
+    device = torch.device(device)
     name = _per_op.get(op, _global_backend)
     if name == "torch":
-        return _REFERENCE[op]
-    fn = _NATIVE_CPU.get(op)
-    if fn is None:                       # no native kernel for this op: the reference is the op
-        return _REFERENCE[op]
-    on_cpu = t.device.type == "cpu"
-    if name == "cpu":
-        if not on_cpu:
-            raise RuntimeError(f"kernel backend 'cpu' was requested for {op} but its input is on {t.device}")
-        if not native.load():
-            raise RuntimeError(f"kernel backend 'cpu' requested but the native CPU extension is unavailable: "
-                               f"{native.status()['reason']}")
-        return fn
-    # auto
-    if on_cpu:
-        if native.load():
-            return fn
-        _warn_once("cpu", f"trm.ops: native CPU kernels unavailable ({native.status()['reason']}); "
-                          f"'auto' falls back to the PyTorch reference")
-        return _REFERENCE[op]
-    _warn_once(f"device:{t.device.type}", f"trm.ops: no fused kernels for {t.device.type} tensors yet; "
-                                          f"'auto' uses the PyTorch reference")
-    return _REFERENCE[op]
+        return "torch"
+    if name != "auto":
+        if op not in _provider(name)[0]:
+            _warn_once(f"{name}:{op}", f"trm.ops: backend {name!r} has no {op} kernel; {op} runs the PyTorch reference")
+            return "torch"
+        if not _device_ok(name, device):
+            raise RuntimeError(f"kernel backend {name!r} was requested for {op} but its input is on {device}"
+                               + (" (Triton runs CPU tensors only under TRITON_INTERPRET=1)" if name == "triton" else ""))
+        ok, reason = available(name)
+        if not ok:
+            raise RuntimeError(f"kernel backend {name!r} was requested for {op} but cannot run here: {reason}")
+        return name
+    for candidate in AUTO_ORDER.get(op, {}).get(device.type, ()):
+        ok, reason = available(candidate)
+        if ok and op in _provider(candidate)[0] and _device_ok(candidate, device):
+            return candidate
+        if not ok:
+            _warn_once(f"auto:{candidate}", f"trm.ops: kernel backend {candidate!r} is unavailable ({reason}); "
+                                            f"'auto' uses the next candidate or the PyTorch reference")
+    return "torch"
+
+
+def _select(op: str, t: torch.Tensor) -> Callable:
+    name = resolve(op, t.device)
+    return _REFERENCE[op] if name == "torch" else _provider(name)[0][op]
+
+
+def describe() -> dict[str, dict[str, str]]:
+    """Per op: what runs now for CPU and (if visible) CUDA tensors."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out: dict[str, dict[str, str]] = {}
+    for op in OPS:
+        out[op] = {}
+        for dev in devices:
+            try:
+                out[op][dev] = resolve(op, dev)
+            except RuntimeError as exc:
+                out[op][dev] = f"error: {exc}"
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The front doors: the reference signatures
 # ---------------------------------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
-    """Weightless RMSNorm over ``dim``: ``x / sqrt(mean(x^2) + eps)``, in fp32, cast back."""
-    return _select("rms_norm", x)(x, eps, dim)
+def rms_norm(x: torch.Tensor, eps: float, dim: int = -1, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Weightless RMSNorm of ``x + residual`` (or ``x``) over ``dim``, fp32 inside, ``x.dtype`` out."""
+    return _select("rms_norm", x)(x, eps, dim, residual)
 
 
 def stablemax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor,
@@ -181,3 +260,13 @@ def softmax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor,
                           ignore_index: int = reference.IGNORE_LABEL_ID) -> torch.Tensor:
     """Per-token softmax cross-entropy in float32; 0 where the label is ignored."""
     return _select("softmax_cross_entropy", logits_BLV)(logits_BLV, labels_BL, ignore_index)
+
+
+def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+               exp_avg_sqs: list[torch.Tensor], *, step: int, lr: float, beta1: float, beta2: float,
+               weight_decay: float) -> None:
+    """In-place AdamATan2 update of same-device, same-dtype tensor lists at step ``step`` (>= 1)."""
+    if not params:
+        return
+    _select("adam_atan2", params[0])(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr,
+                                     beta1=beta1, beta2=beta2, weight_decay=weight_decay)

@@ -7,16 +7,23 @@ Shape legend: B batch, L positions, D hidden, H heads, K head_dim, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_LABEL_ID = -100
 
 
-def rms_norm(x: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
-    """Weightless RMSNorm over ``dim``: ``x / sqrt(mean(x^2) + eps)``, in fp32, cast back."""
-    x32 = x.to(torch.float32)
-    return (x32 * torch.rsqrt(x32.square().mean(dim, keepdim=True) + eps)).to(x.dtype)
+def rms_norm(x: torch.Tensor, eps: float, dim: int = -1, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Weightless RMSNorm of ``s = x + residual`` (or ``x``) over ``dim``: ``s / sqrt(mean(s^2) + eps)``.
+
+    The sum and the norm are computed in fp32; the result is cast back to ``x.dtype``.
+    """
+    s32 = x.to(torch.float32)
+    if residual is not None:
+        s32 = s32 + residual.to(torch.float32)
+    return (s32 * torch.rsqrt(s32.square().mean(dim, keepdim=True) + eps)).to(x.dtype)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -72,3 +79,32 @@ def softmax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, ign
     flat = logits_BLV.to(torch.float32).reshape(-1, logits_BLV.shape[-1])
     loss = F.cross_entropy(flat, labels_BL.long().reshape(-1), ignore_index=ignore_index, reduction="none")
     return loss.view(labels_BL.shape)
+
+
+@torch.no_grad()
+def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+               exp_avg_sqs: list[torch.Tensor], *, step: int, lr: float, beta1: float, beta2: float,
+               weight_decay: float) -> None:
+    """In-place AdamATan2 update of lists of tensors at step ``step`` (>= 1, already incremented)::
+
+        p *= 1 - lr * weight_decay
+        m = lerp(m, g, 1 - beta1);  v = lerp(v, g * g, 1 - beta2)
+        p -= lr / (1 - beta1^t) * atan2(m, sqrt(v) / sqrt(1 - beta2^t))
+
+    ``torch._foreach_*`` kernels (``atan2`` has no foreach form and runs per tensor).
+    """
+    if step < 1:
+        raise ValueError(f"adam_atan2: step must be >= 1 (the count after this update), got {step}")
+    if not params:
+        return
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    grad_squares = torch._foreach_mul(grads, grads)
+    torch._foreach_lerp_(exp_avg_sqs, grad_squares, 1.0 - beta2)
+    del grad_squares
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, math.sqrt(1.0 - beta2**step))
+    directions = [torch.atan2(m, d, out=d) for m, d in zip(exp_avgs, denoms)]
+    torch._foreach_mul_(directions, lr / (1.0 - beta1**step))
+    torch._foreach_sub_(params, directions)

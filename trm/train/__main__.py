@@ -6,7 +6,8 @@
     deepspeed --hostfile hosts -m trm.train configs/large.yaml
 
 Modes: ``mode=new`` (default; refuses a run_dir that has checkpoints), ``mode=resume``
-(latest complete checkpoint, or ``resume_from=PATH``), ``mode=auto`` (resume if possible).
+(latest complete checkpoint, or ``resume_from=PATH``), ``mode=auto`` (resume if possible),
+``mode=service`` (serve the run's newest checkpoint over HTTP and follow new ones; see ``trm.serve``).
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ def resolve_resume(cfg: Config) -> Path | None:
                 f"overwrite them. Use mode=resume or mode=auto to continue, or pick another run_dir."
             )
         return None
-    if cfg.mode == "service":
-        raise RunError("mode=service is not available in this version; use mode=new, resume or auto.")
     chosen = Path(cfg.resume_from) if cfg.resume_from else latest
     if chosen is None:
         if cfg.mode == "auto":
@@ -89,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path, overrides)
+        if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
+            from trm.serve import serve_config
+
+            return serve_config(cfg)
         try:
             ops.set_backend(cfg.kernels)
-        except ValueError as err:
+        except (ValueError, RuntimeError) as err:
             raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
         resume_from = resolve_resume(cfg)
         world = init_world(cfg.device, cfg.train.collective_timeout_minutes)

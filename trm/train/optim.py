@@ -105,10 +105,11 @@ class AdamATan2(torch.optim.Optimizer):
         lr: learning rate.
         betas: (beta1, beta2), decay rates of m and v.
         weight_decay: decoupled weight decay coefficient (multiplied by lr).
-        foreach: True runs ``torch._foreach_*`` kernels over each group's
-            tensors (bucketed by device and dtype); False runs a per-tensor loop.
-            None picks foreach when every parameter of the group is on CUDA.
-            Both give bit-identical results on CPU.
+        foreach: True (or None, the default) runs the fused multi-tensor op
+            ``trm.ops.adam_atan2`` over each group's tensors (bucketed by device,
+            dtype and step; the backend follows the ``kernels`` config, the
+            reference being ``torch._foreach_*``); False runs a per-tensor loop.
+            The reference and the loop give bit-identical results on CPU.
     """
 
     def __init__(
@@ -167,7 +168,7 @@ class AdamATan2(torch.optim.Optimizer):
                 continue
             foreach = group["foreach"]
             if foreach is None:
-                foreach = all(param.device.type == "cuda" for param in params)
+                foreach = True
             update = _adam_atan2_foreach if foreach else _adam_atan2_loop
             beta1, beta2 = group["betas"]
             update(
@@ -221,33 +222,21 @@ def _adam_atan2_foreach(
     beta2: float,
     weight_decay: float,
 ) -> None:
-    """AdamATan2 update with ``torch._foreach_*`` kernels, bucketed by (device, dtype).
+    """AdamATan2 update through ``trm.ops.adam_atan2``, bucketed by (device, dtype, step).
 
-    There is no ``_foreach_atan2``: that one op runs per tensor.
+    The op is fused per backend (``kernels`` config: the CUDA / Triton multi-tensor kernels, or
+    the ``torch._foreach_*`` reference, bit-identical to :func:`_adam_atan2_loop` on CPU).
     """
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for index, param in enumerate(params):
-        buckets.setdefault((param.device, param.dtype), []).append(index)
-    for indices in buckets.values():
-        bucket_params = [params[i] for i in indices]
-        bucket_grads = [grads[i] for i in indices]
-        bucket_exp_avgs = [exp_avgs[i] for i in indices]
-        bucket_exp_avg_sqs = [exp_avg_sqs[i] for i in indices]
-        bucket_steps = [steps[i] for i in indices]
+    from trm import ops
 
-        torch._foreach_add_(bucket_steps, 1.0)
-        ts = [step.item() for step in bucket_steps]
-        if weight_decay != 0.0:
-            torch._foreach_mul_(bucket_params, 1.0 - lr * weight_decay)
-        torch._foreach_lerp_(bucket_exp_avgs, bucket_grads, 1.0 - beta1)
-        grad_squares = torch._foreach_mul(bucket_grads, bucket_grads)
-        torch._foreach_lerp_(bucket_exp_avg_sqs, grad_squares, 1.0 - beta2)
-        del grad_squares
-        denoms = torch._foreach_sqrt(bucket_exp_avg_sqs)
-        torch._foreach_div_(denoms, [math.sqrt(1.0 - beta2**t) for t in ts])
-        directions = [torch.atan2(m, denom, out=denom) for m, denom in zip(bucket_exp_avgs, denoms)]
-        torch._foreach_mul_(directions, [lr / (1.0 - beta1**t) for t in ts])
-        torch._foreach_sub_(bucket_params, directions)
+    torch._foreach_add_(steps, 1.0)
+    buckets: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+    for index, (param, step) in enumerate(zip(params, steps)):
+        buckets.setdefault((param.device, param.dtype, int(step.item())), []).append(index)
+    for (_, _, t), indices in buckets.items():
+        ops.adam_atan2([params[i] for i in indices], [grads[i] for i in indices],
+                       [exp_avgs[i] for i in indices], [exp_avg_sqs[i] for i in indices],
+                       step=t, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay)
 
 
 # torch >= 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.

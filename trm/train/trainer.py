@@ -28,12 +28,13 @@ import torch
 from tqdm import tqdm
 
 from trm.config import Config, to_yaml
+from trm.data.curriculum import CurriculumSchedule
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.model import ACTCarry, act_loss
 from trm.train import checkpoint as ckpt
 from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
 from trm.train.ema import EMA
-from trm.train.metrics import MetricsLog
+from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, grad_norm_metrics
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
 from trm.train.puzzle_table import ShardedPuzzleTable
 from trm.train.schedule import lr_at
@@ -107,13 +108,17 @@ class Trainer:
         if tc.ema:
             with self._full_parameters():
                 self.ema = EMA(self.model.named_parameters(), decay=tc.ema_rate)
-        self.metrics = MetricsLog(self.run_dir, enabled=world.is_main)
+        self.metrics = MetricsLog(self.run_dir, enabled=world.is_main, config=cfg)
+        self.throughput = Throughput(self.model, tc.global_batch_size, world.size, world.device, tc.peak_tflops)
         self.step = 0
         self.stream_position = 0
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
+        self.curriculum = CurriculumSchedule.from_config(cfg.curriculum)
+        if self.curriculum is not None:
+            self.curriculum.check_model(self.model.config)
         self.carry = self.model.initial_carry(self._blank_batch(self.local_batch))
 
     # ------------------------------------------------------------------ data
@@ -134,7 +139,7 @@ class Trainer:
         mine = halted_global[lo:lo + self.local_batch]
         batch = {k: v.clone() for k, v in self.carry.current_data.items()}
         if mine.any():
-            new = self.dataset.train_examples(positions[lo:lo + self.local_batch][mine])
+            new = self.dataset.train_examples(positions[lo:lo + self.local_batch][mine], step=self.step)
             rows = torch.from_numpy(np.flatnonzero(mine)).to(self.world.device)
             for key, value in new.items():
                 batch[key][rows] = value.to(self.world.device, batch[key].dtype)
@@ -147,7 +152,8 @@ class Trainer:
         generator = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + self.step) % 2**63)
         global_batch = self.cfg.train.global_batch_size
         uniform = torch.rand(global_batch, generator=generator)
-        min_steps = torch.randint(2, max(self.cfg.model.halt_max_steps, 2) + 1, (global_batch,), generator=generator, dtype=torch.int32)
+        halt_max_steps = self.model.config.halt_max_steps  # a curriculum stage may lower it
+        min_steps = torch.randint(2, max(halt_max_steps, 2) + 1, (global_batch,), generator=generator, dtype=torch.int32)
         lo = self.world.rank * self.local_batch
         return (uniform[lo:lo + self.local_batch].to(self.world.device),
                 min_steps[lo:lo + self.local_batch].to(self.world.device))
@@ -166,20 +172,30 @@ class Trainer:
         """One supervision step over all slots; returns the step's metric sums (this rank)."""
         self.engine.train()
         batch = self._refill()
-        self.carry, outputs = self.engine(self.carry, batch, exploration=self._exploration_draws())
+        with self._curriculum_depth():
+            self.carry, outputs = self.engine(self.carry, batch, exploration=self._exploration_draws())
         loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
                                  self.carry.steps, self.cfg.model.loss_type)
         if not self._finite_everywhere(loss):
             return metrics
         self.engine.backward(loss / self.local_batch)
+        grad_norm = grad_norm_before_step(self.engine)  # metrics: only without ZeRO (ZeRO's step computes it)
         if self.puzzle_optimizer is not None:
             self.puzzle_optimizer.step()
             self.puzzle_optimizer.zero_grad()
         self.engine.step()
+        metrics.update(grad_norm_metrics(self.engine, grad_norm))
         if self.ema is not None:
             with self._full_parameters():
                 self.ema.update(self.model.named_parameters())
         return metrics
+
+    def _curriculum_depth(self):
+        """The curriculum stage's recursion depth for this step's training forward (evaluation
+        keeps the configured depth)."""
+        if self.curriculum is None:
+            return contextlib.nullcontext()
+        return self.curriculum.applied(self.step, self.model.config)
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """True when every rank's loss is finite. Otherwise the update is skipped and counted
@@ -337,6 +353,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "puzzle_optimizer": self.puzzle_optimizer.state_dict() if self.puzzle_optimizer is not None else None,
+            "curriculum": self.curriculum.state_dict() if self.curriculum is not None else None,
         }
 
     def _rng_state(self) -> dict[str, Any]:
@@ -402,6 +419,11 @@ class Trainer:
         self.stream_position = state["stream_position"]
         self.best_value, self.best_step = state["best_value"], state["best_step"]
         self.nonfinite_steps = state["nonfinite_steps"]
+        saved_curriculum = state.get("curriculum")
+        current_curriculum = self.curriculum.state_dict() if self.curriculum is not None else None
+        if saved_curriculum != current_curriculum and self.world.is_main:
+            print(f"trm: warning: checkpoint {path} was trained with curriculum {saved_curriculum}; continuing with "
+                  f"{current_curriculum} from step {state['step']} (the stages follow the step).", file=sys.stderr)
         if self.ema is not None:
             if state["ema"] is None:
                 raise ckpt.CheckpointError(f"Checkpoint {path} has no EMA state but train.ema is true.")
@@ -498,6 +520,9 @@ class Trainer:
         }
         if "q_continue_loss" in totals:
             summary["train/q_continue_loss"] = float(totals["q_continue_loss"]) / slots
+        if "grad_norm" in totals:
+            summary["train/grad_norm"] = float(totals["grad_norm"]) / max(float(totals["grad_norm_count"]), 1.0)
+        summary.update(self.throughput.summary(steps, seconds))  # perf/*: tokens/s, TFLOP/s, MFU, memory
         return summary
 
 

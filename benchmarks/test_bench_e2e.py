@@ -1,0 +1,92 @@
+"""End-to-end: one training step (one supervision step of the ACT model: forward, the ACT loss,
+backward, AdamATan2 update) of a recipe, ours vs a plain-PyTorch eager model, same run.
+
+- ``ours``: ``kernels=auto`` (the fused kernels of this device), eager; and the same under
+  ``torch.compile`` where it pays (GPU).
+- ``reference``: ``kernels=torch`` eager: the same model written in plain PyTorch ops.
+
+CPU: the tiny recipe (configs/tiny.yaml) at its own size. GPU: sudoku_mlp and arc1 at full size
+(batch 768; ARC 916 positions), bf16. Reports examples/s and (GPU) peak memory; gates the speedup
+like every benchmark. Run: ``pytest benchmarks/test_bench_e2e.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bench_util as bu
+import pytest
+import torch
+
+from trm import ops
+from trm.config import load_config, to_dict
+from trm.model import act_loss, build_model
+from trm.train.optim import AdamATan2
+
+REPO = Path(__file__).resolve().parents[1]
+DIMS = {"sudoku": dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1001),
+        "arc": dict(seq_len=900, vocab_size=12, num_puzzle_identifiers=1001)}
+
+
+def make_step(recipe: str, dims: dict, batch_size: int, backend: str, compile_: bool):
+    cfg = load_config(REPO / "configs" / f"{recipe}.yaml")
+    model_cfg = {**to_dict(cfg.model), **dims, "batch_size": batch_size}
+    if not bu.on_gpu():
+        model_cfg["forward_dtype"] = "float32"
+    torch.manual_seed(0)
+    model = build_model(model_cfg).to(bu.device()).train()
+    opt = AdamATan2([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "inputs": torch.randint(1, dims["vocab_size"], (batch_size, dims["seq_len"]), generator=g, dtype=torch.int32),
+        "labels": torch.randint(1, dims["vocab_size"], (batch_size, dims["seq_len"]), generator=g, dtype=torch.int32),
+        "puzzle_identifiers": torch.randint(0, dims["num_puzzle_identifiers"], (batch_size,), generator=g, dtype=torch.int32),
+    }
+    batch = {k: v.to(bu.device()) for k, v in batch.items()}
+    forward = torch.compile(model) if compile_ else model
+    state = {"carry": model.initial_carry(batch)}
+
+    def step():
+        with ops.use_backend(backend):
+            carry, out = forward(state["carry"], batch)
+            total, _ = act_loss(out, batch["labels"], carry.halted, carry.steps)
+            total.backward()
+            with ops.use_backend(backend):
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        state["carry"] = carry
+    return step
+
+
+def _peak_mb(fn) -> float | None:
+    if not bu.on_gpu():
+        return None
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+CPU_RECIPES = [pytest.param("tiny", "sudoku", 64, False, id="tiny-cpu-eager")]
+GPU_RECIPES = [pytest.param(r, d, 768, c, id=f"{r}-{'compile' if c else 'eager'}", marks=pytest.mark.gpu)
+               for r, d in (("sudoku_mlp", "sudoku"), ("arc1", "arc")) for c in (False, True)]
+
+
+@pytest.mark.parametrize("recipe,data,batch_size,compile_", CPU_RECIPES if not bu.on_gpu() else GPU_RECIPES)
+def test_training_step(recipe, data, batch_size, compile_):
+    dims = DIMS[data]
+    ref = make_step(recipe, dims, batch_size, "torch", False)
+    ours = make_step(recipe, dims, batch_size, "auto", compile_)
+    for _ in range(3 if compile_ else 1):          # compile + warm-up outside the timing
+        ours()
+        ref()
+    t_ref, t_ours = bu.time_pair(ref, ours, rounds=5, min_round_s=0.2)
+    peak_ref, peak_ours = _peak_mb(ref), _peak_mb(ours)
+    bu.record(bu.Result(
+        name=f"train_step/{recipe}/{'compile' if compile_ else 'eager'}/b{batch_size}", op="train_step",
+        shape=f"{recipe} batch {batch_size}", backend="auto" + ("+compile" if compile_ else ""),
+        ref_s=t_ref, ours_s=t_ours, speedup=t_ref / t_ours,
+        extra={"examples_per_s_ours": batch_size / t_ours, "examples_per_s_ref": batch_size / t_ref,
+               "peak_mb_ours": peak_ours, "peak_mb_ref": peak_ref},
+    ))
+    assert t_ours > 0 and t_ref > 0
