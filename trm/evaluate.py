@@ -4,6 +4,7 @@
     python -m trm.evaluate runs/tiny step=500                      # a given step (or step=best)
     python -m trm.evaluate runs/tiny/checkpoints/step_1000 data.eval_max_examples=null out=res.json
     python -m trm.evaluate reference.pt config=configs/sudoku_mlp.yaml data.path=data/sudoku-extreme
+    python -m trm.evaluate exports/tiny                            # a folder written by trm.export
     torchrun --nproc_per_node=2 -m trm.evaluate runs/tiny          # N processes: same numbers
 
 Our checkpoints are loaded exactly as a resumed run loads them (DeepSpeed files at any world
@@ -14,10 +15,17 @@ what the trainer logged in metrics.jsonl for that step (same eval batch size and
 
 The config is the checkpoint's own ``config.yaml``; overrides may change only how evaluation
 runs (EVAL_OVERRIDES: split, example count, batch size, steps, depth, device), never the model.
+An export folder (``python -m trm.export``: model.safetensors + config.yaml + export.json) is
+evaluated with its own config.yaml and the same overrides; its weights (the EMA's when the run
+kept one) are read from safetensors only, nothing is unpickled, and the numbers equal those of
+the checkpoint it was exported from.
 A reference state dict (a ``.pt`` of the reference implementation's weights) needs a config:
 ``config=PATH`` and/or key=value overrides (at least data.path and the model keys it was trained
-with). Results go to ``out=PATH`` (default ``<run_dir>/eval/step_N.json``, or
-``<dir>/eval/<name>.json`` next to a state dict), written by rank 0.
+with). Results go to ``out=PATH`` (default ``<run_dir>/eval/step_N.json``,
+``<dir>/eval/<name>.json`` next to a state dict, ``<parent>/eval/<export>_step_N.json`` next to
+an export folder), written by rank 0. On an ARC dataset the results include the voting metrics
+(``eval/arc/pass@k``) and rank 0 writes the ARC Prize submission next to them
+(``submission_step_N.json``; ``submission_<name>.json`` for a state dict or an export).
 
 Errors (missing or incomplete checkpoint, forbidden override, weights that do not fit the
 config) exit with status 2 and one paragraph on stderr.
@@ -48,6 +56,7 @@ USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [c
 EVAL_OVERRIDES = (
     "device", "kernels", "data.path", "data.eval_split", "data.eval_max_examples", "data.rag.cache_dir",
     "train.eval_batch_size", "train.eval_halt_max_steps", "train.num_threads", "train.collective_timeout_minutes",
+    "train.arc_pass_ks",
     "model.halt_max_steps", "model.H_cycles", "model.L_cycles", "model.forward_dtype",
 )
 """Keys an evaluation of one of our checkpoints may override: none of them changes the weights."""
@@ -161,7 +170,28 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def default_out(target: Path, checkpoint: Path | None, step: int | None) -> Path:
+def _export_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, export.json) of an export folder, from safetensors and JSON only."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from trm.export import EXPORT_FORMAT, INFO_FILE, WEIGHTS_FILE
+
+    try:
+        info = json.loads((path / INFO_FILE).read_text())
+        weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
+    except (OSError, ValueError, SafetensorError) as err:
+        raise EvaluateError(f"Export folder {path} cannot be read ({err}); re-export it with "
+                            f"`python -m trm.export CHECKPOINT --out {path}`.") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT or not isinstance(info.get("step"), int):
+        raise EvaluateError(f"{path / INFO_FILE} is not an export of format {EXPORT_FORMAT}; re-export the checkpoint "
+                            f"with `python -m trm.export CHECKPOINT --out {path}`.")
+    return weights, info
+
+
+def default_out(target: Path, checkpoint: Path | None, step: int | None, export: bool = False) -> Path:
+    if export:
+        return target.parent / "eval" / f"{target.name}_step_{step}.json"
     if checkpoint is None:
         return target.parent / "eval" / f"{target.stem}.json"
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
@@ -175,9 +205,24 @@ def evaluate(request: Request) -> dict[str, Any]:
     from trm.model import load_reference_state_dict
     from trm.train.distributed import init_world
 
+    from trm.export import is_export_dir
+
     target = request.target
     state_dict = None
-    if target.is_file():
+    export_info = None
+    if target.is_dir() and is_export_dir(target):
+        if request.step is not None:
+            raise EvaluateError(f"step={request.step} only applies to a run directory; {target} is an export of one step.")
+        if request.config is not None:
+            raise EvaluateError(f"config= applies to a state dict only; export {target} is evaluated with its own "
+                                f"config.yaml (change evaluation keys with key=value).")
+        checkpoint = None
+        _check_overrides(request.overrides, target)
+        state_dict, export_info = _export_weights(target)
+        cfg = load_config(target / "config.yaml", request.overrides)
+        # The exported weights ARE the EMA weights when the run kept an EMA: evaluate them as they are.
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=False))
+    elif target.is_file():
         if request.step is not None:
             raise EvaluateError(f"step={request.step} only applies to a run directory, not to the state dict {target}.")
         checkpoint = None
@@ -207,13 +252,20 @@ def evaluate(request: Request) -> dict[str, Any]:
         dataset = build_dataset(cfg, world)
         torch.manual_seed(cfg.seed)
         model = build_model_for(cfg, dataset.model_dims, world)
-        if state_dict is not None:
+        if export_info is not None:
+            try:
+                model.load_state_dict(state_dict, strict=True)
+            except RuntimeError as err:
+                raise EvaluateError(f"Export {target} does not fit the model built from its config and the dataset at "
+                                    f"{cfg.data.path} ({str(err).strip().splitlines()[0]}). Evaluate it on the dataset "
+                                    f"it was trained on.") from None
+        elif state_dict is not None:
             try:
                 load_reference_state_dict(model, state_dict)
             except ValueError as err:
                 raise EvaluateError(f"{target} does not fit the configured model: {err}") from None
         trainer = build_trainer(cfg, world, model, dataset, checkpoint)
-        step = None
+        step = export_info["step"] if export_info is not None else None
         if checkpoint is not None:
             try:
                 trainer.load_checkpoint(checkpoint)
@@ -224,18 +276,25 @@ def evaluate(request: Request) -> dict[str, Any]:
                 raise EvaluateError(f"Checkpoint {checkpoint} does not fit the model built from its config and the dataset "
                                     f"at {cfg.data.path} ({first}). Evaluate it on the dataset it was trained on.") from None
             step = trainer.step
-        metrics = trainer.evaluate()
+        out = Path(request.out) if request.out else default_out(target, checkpoint, step, export_info is not None)
+        if checkpoint is not None:
+            submission = out.parent / f"submission_step_{step}.json"
+        else:
+            submission = out.parent / f"submission_{out.stem}.json"
+        metrics = trainer.evaluate(submission_path=submission)
         trainer.metrics.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     result = {
-        "target": str(target), "checkpoint": str(checkpoint) if checkpoint else None, "step": step,
+        "target": str(target), "checkpoint": str(checkpoint) if checkpoint else None,
+        "export": str(target) if export_info is not None else None, "step": step,
         "world_size": world.size, "eval_split": cfg.data.eval_split, "overrides": request.overrides,
         "metrics": metrics, "model": to_dict(cfg.model),
     }
+    if any(k.startswith("eval/arc/") for k in metrics):
+        result["arc_submission"] = str(submission)
     if world.is_main:
-        out = Path(request.out) if request.out else default_out(target, checkpoint, step)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")

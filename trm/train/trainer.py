@@ -244,10 +244,17 @@ class Trainer:
                     p.copy_(live[name])
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, submission_path: str | Path | None = None) -> dict[str, float]:
         """Exact / token accuracy after all halt_max_steps steps (the reference's protocol), and
-        with early exit (each sample stops at its first q_halt > 0), with the EMA weights."""
+        with early exit (each sample stops at its first q_halt > 0), with the EMA weights.
+
+        On an ARC dataset the max-steps predictions also vote (``trm.eval.arc_eval``):
+        ``eval/arc/pass@k`` metrics, and rank 0 writes the ARC Prize submission to
+        ``submission_path`` (default ``<run_dir>/eval/submission_step_<N>.json``)."""
         cfg = self.cfg
+        arc = self._arc_evaluation()
+        if arc is not None:
+            arc.begin()
         n = self.dataset.num_eval_examples
         if cfg.data.eval_max_examples is not None:
             n = min(n, cfg.data.eval_max_examples)
@@ -264,10 +271,12 @@ class Trainer:
                 valid = idx < n
                 rows = torch.where(valid, idx, 0).numpy()
                 batch = {k: v.to(self.world.device) for k, v in self.dataset.eval_examples(rows).items()}
-                self._evaluate_batch(batch, valid.to(self.world.device), sums)
+                last = self._evaluate_batch(batch, valid.to(self.world.device), sums)
+                if arc is not None:
+                    arc.collect(idx, valid, last["logits"], last["q_halt_logits"])
         totals = all_reduce_sum(sums)
         count = max(float(totals["count"]), 1.0)
-        return {
+        metrics = {
             "eval/exact_accuracy": float(totals["exact"]) / count,
             "eval/token_accuracy": float(totals["token"]) / count,
             "eval/q_halt_accuracy": float(totals["q_halt_acc"]) / count,
@@ -277,12 +286,27 @@ class Trainer:
             "eval/early_exit/steps": float(totals["early_steps"]) / count,
             "eval/count": float(totals["count"]),
         }
+        if arc is not None:
+            if submission_path is None:
+                submission_path = self.run_dir / "eval" / f"submission_step_{self.step}.json"
+            metrics.update(arc.finish(submission_path))
+        return metrics
+
+    def _arc_evaluation(self):
+        """The ARC voter of this run's evaluations (built at the first one), or None when the
+        evaluation dataset is not an ARC dataset."""
+        if not hasattr(self, "_arc"):
+            from trm.eval.arc_eval import ArcEvaluation
+
+            self._arc = ArcEvaluation.from_config(self.cfg, self.dataset, self.world)
+        return self._arc
 
     @property
     def eval_steps(self) -> int:
         return self.cfg.train.eval_halt_max_steps or self.cfg.model.halt_max_steps
 
-    def _evaluate_batch(self, batch: dict[str, torch.Tensor], valid: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+    def _evaluate_batch(self, batch: dict[str, torch.Tensor], valid: torch.Tensor, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add one batch's counts to ``sums``; return the model outputs of the last step."""
         labels = batch["labels"]
         mask = labels != -100
         counts = mask.sum(-1).clamp_min(1)
@@ -304,6 +328,7 @@ class Trainer:
         sums["exact"] += (exact & valid).sum()
         sums["token"] += token_acc[valid].sum()
         sums["q_halt_acc"] += (((outputs["q_halt_logits"] >= 0) == exact) & valid).sum()
+        return outputs
 
     # ----------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
@@ -490,7 +515,8 @@ class Trainer:
                     bar.write(f"step {self.step}: exact {last_eval['eval/exact_accuracy']:.4f} "
                               f"token {last_eval['eval/token_accuracy']:.4f} "
                               f"early-exit exact {last_eval['eval/early_exit/exact_accuracy']:.4f} "
-                              f"at {last_eval['eval/early_exit/steps']:.2f} steps")
+                              f"at {last_eval['eval/early_exit/steps']:.2f} steps"
+                              + (f" ARC pass@2 {last_eval['eval/arc/pass@2']:.4f}" if "eval/arc/pass@2" in last_eval else ""))
             if (tc.checkpoint_interval and self.step % tc.checkpoint_interval == 0) or last:
                 self.save_checkpoint()
             if out_of_time:
