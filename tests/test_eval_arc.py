@@ -176,6 +176,33 @@ def test_votes_do_not_depend_on_batching_or_rank_order(arc_dir, tmp_path):
     assert one["eval/arc/votes"] + one["eval/arc/abstained"] == n
 
 
+def test_retrieval_predictions_are_read_at_the_query_slice(arc_dir, sudoku_dir):
+    """With retrieval on, the sequence is k (input, answer) contexts then the query: only the
+    query's canvas votes. Non-ARC datasets get no voter at all."""
+    from types import SimpleNamespace
+
+    from trm.config import load_config
+    from trm.data.puzzle_dataset import PuzzleDataset
+    from trm.eval.arc_eval import ArcEvaluation
+
+    cfg = load_config(None, [f"data.path={arc_dir}", "run_dir=unused", "train.max_steps=1"])
+    world = SimpleNamespace(is_main=True, device=torch.device("cpu"))
+    base = PuzzleDataset(arc_dir, seed=0)
+    k = 2
+    wrapped = SimpleNamespace(base=base, query_slice=slice(2 * k * arc.SEQ_LEN, (2 * k + 1) * arc.SEQ_LEN))
+    voting = ArcEvaluation.from_config(cfg, wrapped, world)
+    assert voting is not None and voting.query_slice == wrapped.query_slice
+    n = base.num_eval_examples
+    truth = base.eval_examples(np.arange(n))["labels"].clamp_min(0)
+    context = torch.randint(0, arc.VOCAB_SIZE, (n, 2 * k * arc.SEQ_LEN))
+    logits = torch.nn.functional.one_hot(torch.cat([context, truth], 1), arc.VOCAB_SIZE).float()
+    voting.begin()
+    voting.collect(torch.arange(n), torch.ones(n, dtype=torch.bool), logits, torch.randn(n))
+    assert voting.finish(None)["eval/arc/pass@2"] == 1.0
+
+    assert ArcEvaluation.from_config(cfg, PuzzleDataset(sudoku_dir, seed=0), world) is None
+
+
 @pytest.fixture(scope="module")
 def arc_run(tmp_path_factory, arc_dir) -> Path:
     """3 training steps on the ARC dataset, evaluated at steps 2 and 3, checkpointed at 3."""

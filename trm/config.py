@@ -443,6 +443,9 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             f"Config key 'model.halt_exploration_prob' (from {source}) must be in [0, 1], "
             f"got {cfg.model.halt_exploration_prob}."
         )
+    ks = list(cfg.train.arc_pass_ks)
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"Config key 'train.arc_pass_ks' (from {source}) must list integers >= 1 (e.g. [1, 2]), got {ks}.")
     _check_rag(cfg, source)
     _check_curriculum(cfg, source)
 
