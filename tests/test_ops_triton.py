@@ -78,8 +78,13 @@ def assert_error_rule(kernel_out, torch_out, ref64, what: str, floor: float = 0.
 
 
 def ulp_floor(dtype: torch.dtype, ref64: torch.Tensor, ulps: float = 1.0) -> float:
-    """``ulps`` fp32 ulps of the output's scale (fp32 only: both sides are a few ulp off there)."""
-    return ulps * torch.finfo(torch.float32).eps * ref64.abs().max().item() if dtype == torch.float32 else 0.0
+    """fp32: ``ulps`` fp32 ulps of the output's scale (both sides are a few ulp off there).
+    fp16/bf16: half an ulp of the output dtype at the output's scale -- the rounding of STORING
+    the result, which no kernel can avoid; on tiny shapes (e.g. 1x7) plain PyTorch may land
+    closer by luck, so without it the 2x rule flakes (seen once in ~40 CI runs of 1x7 fp16 dx)."""
+    if dtype == torch.float32:
+        return ulps * torch.finfo(torch.float32).eps * ref64.abs().max().item()
+    return 0.5 * torch.finfo(dtype).eps * ref64.abs().max().item()
 
 
 def grads(fn, inputs, grad_out):
@@ -127,7 +132,8 @@ def check_rms_norm(x, residual, dim, dy):
     floor = torch.finfo(torch.float32).eps * (r * dy.double().abs()).max().item() if dtype == torch.float32 else 0.0
     for i, name in enumerate(["dx", "dresidual"][: len(inputs)]):
         assert g_k[i].dtype == dtype
-        assert_error_rule(g_k[i], g_t[i], g_64[i], f"rms_norm {name} {dtype}", floor)
+        low = 0.0 if dtype == torch.float32 else ulp_floor(dtype, g_64[i])   # fp16 storage rounding
+        assert_error_rule(g_k[i], g_t[i], g_64[i], f"rms_norm {name} {dtype}", max(floor, low))
 
 
 RMS_SHAPES = [(5, 97, 512), (3, 916, 64), (7, 3, 11), (1, 7)]
