@@ -224,7 +224,6 @@ def test_op_speed(case: Case, backend: str, mode: str):
 @pytest.mark.parametrize("case", [c for c in CASES if c.op != "adam_atan2"], ids=lambda c: f"{c.op}-{c.shape}")
 def test_op_vs_torch_compile(case: Case):
     """GPU: the best backend ``auto`` picks vs the reference under torch.compile (recorded, gated)."""
-    backend = dispatch.resolve(case.op, DEV) if dispatch.get_backend() == "auto" else None
     with dispatch.use_backend("auto"):
         backend = dispatch.resolve(case.op, DEV)
     ours_fn = dispatch.impls(backend)[case.op] if backend != "torch" else getattr(reference, case.op)
