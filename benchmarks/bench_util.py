@@ -238,6 +238,14 @@ def summary_lines() -> list[str]:
         cf = f"{100 * r.copy_fraction:.0f}" if r.copy_fraction is not None else "-"
         tf = f"{r.tflops:.2f}" if r.tflops is not None else "-"
         lines.append(f"{r.name:58s} {r.speedup:8.2f} {gb:>7s} {cf:>6s} {tf:>8s} {r.gate}")
+        if "examples_per_s_ours" in r.extra:  # end-to-end rows: throughput and memory, ours vs reference
+            e = r.extra
+            line = (f"    examples/s ours {e['examples_per_s_ours']:.0f} vs eager {e['examples_per_s_ref']:.0f}; "
+                    f"peak MiB ours {e['peak_mb_ours']:.0f} vs eager {e['peak_mb_ref']:.0f}")
+            if "speedup_vs_ref_compiled" in e:
+                line += (f"; vs plain model under torch.compile {e['speedup_vs_ref_compiled']:.2f}x "
+                         f"({e['examples_per_s_ref_compiled']:.0f} examples/s, {e['peak_mb_ref_compiled']:.0f} MiB)")
+            lines.append(line)
     return lines
 
 

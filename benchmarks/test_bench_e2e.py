@@ -2,11 +2,13 @@
 backward, AdamATan2 update) of a recipe, ours vs a plain-PyTorch eager model, same run.
 
 - ``ours``: ``kernels=auto`` (the fused kernels of this device), eager; and the same under
-  ``torch.compile`` where it pays (GPU).
+  ``torch.compile`` (``train.compile``), which pays on CPU too. The compiled variant also times the
+  plain-PyTorch model under torch.compile (``speedup_vs_ref_compiled``: what our kernels add to compile).
 - ``reference``: ``kernels=torch`` eager: the same model written in plain PyTorch ops.
 
 CPU: the tiny recipe (configs/tiny.yaml) at its own size. GPU: sudoku_mlp and arc1 at full size
-(batch 768; ARC 916 positions), bf16. Reports examples/s and (GPU) peak memory; gates the speedup
+(batch 768; ARC 916 positions), bf16. Reports examples/s and peak memory (CPU: persistent state
++ the step's peak allocation from the profiler); gates the speedup
 like every benchmark. Run: ``pytest benchmarks/test_bench_e2e.py``.
 """
 
@@ -55,19 +57,50 @@ def make_step(recipe: str, dims: dict, batch_size: int, backend: str, compile_: 
                 opt.step()
             opt.zero_grad(set_to_none=True)
         state["carry"] = carry
+    step.persistent = (model, opt, state)
     return step
 
 
-def _peak_mb(fn) -> float | None:
-    if not bu.on_gpu():
-        return None
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+def _tensor_bytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    if hasattr(tree, "__dataclass_fields__"):
+        return sum(_tensor_bytes(getattr(tree, f)) for f in tree.__dataclass_fields__)
+    return 0
 
 
-CPU_RECIPES = [pytest.param("tiny", "sudoku", 64, False, id="tiny-cpu-eager")]
+def _peak_mb(fn) -> float:
+    """Peak memory of one training step in MiB. GPU: ``max_memory_allocated``. CPU: the state that
+    lives across steps (parameters, optimizer state, carry) plus the step's peak transient
+    allocation, from the profiler's allocation events (CPU has no allocator peak counter)."""
+    if bu.on_gpu():
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opt, state = fn.persistent
+    persistent = (_tensor_bytes(list(model.parameters())) + _tensor_bytes(list(opt.state.values()))
+                  + _tensor_bytes(state["carry"]))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # every allocation and free with its timestamp (the op-level events fold them into per-op nets)
+    allocations = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                         key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in allocations:
+        level += event.nbytes()
+        peak = max(peak, level)
+    assert allocations and peak > 0, "the profiler recorded no CPU allocations"
+    return (persistent + peak) / 2**20
+
+
+CPU_RECIPES = [pytest.param("tiny", "sudoku", 64, c, id=f"tiny-cpu-{'compile' if c else 'eager'}") for c in (False, True)]
 GPU_RECIPES = [pytest.param(r, d, 768, c, id=f"{r}-{'compile' if c else 'eager'}", marks=pytest.mark.gpu)
                for r, d in (("sudoku_mlp", "sudoku"), ("arc1", "arc")) for c in (False, True)]
 
@@ -81,12 +114,20 @@ def test_training_step(recipe, data, batch_size, compile_):
         ours()
         ref()
     t_ref, t_ours = bu.time_pair(ref, ours, rounds=5, min_round_s=0.2)
-    peak_ref, peak_ours = _peak_mb(ref), _peak_mb(ours)
+    extra = {"examples_per_s_ours": batch_size / t_ours, "examples_per_s_ref": batch_size / t_ref,
+             "peak_mb_ours": _peak_mb(ours), "peak_mb_ref": _peak_mb(ref)}
+    if compile_:
+        # the same plain-PyTorch model under torch.compile: what compile alone buys, same run
+        ref_compiled = make_step(recipe, dims, batch_size, "torch", True)
+        for _ in range(3):
+            ref_compiled()
+        t_ref_c, t_ours_c = bu.time_pair(ref_compiled, ours, rounds=5, min_round_s=0.2)
+        extra.update(examples_per_s_ref_compiled=batch_size / t_ref_c, speedup_vs_ref_compiled=t_ref_c / t_ours_c,
+                     peak_mb_ref_compiled=_peak_mb(ref_compiled))
     bu.record(bu.Result(
         name=f"train_step/{recipe}/{'compile' if compile_ else 'eager'}/b{batch_size}", op="train_step",
         shape=f"{recipe} batch {batch_size}", backend="auto" + ("+compile" if compile_ else ""),
-        ref_s=t_ref, ours_s=t_ours, speedup=t_ref / t_ours,
-        extra={"examples_per_s_ours": batch_size / t_ours, "examples_per_s_ref": batch_size / t_ref,
-               "peak_mb_ours": peak_ours, "peak_mb_ref": peak_ref},
+        ref_s=t_ref, ours_s=t_ours, speedup=t_ref / t_ours, extra=extra,
     ))
     assert t_ours > 0 and t_ref > 0
+    assert all(extra[k] > 0 for k in extra if k.startswith("peak_mb")), extra

@@ -208,6 +208,30 @@ def test_model_compiles_with_torch_compile():
     assert_same(outs_c, grads_c, outs_e, grads_e, tol=2e-5)
 
 
+def test_auto_traces_the_reference_under_compile_on_cpu():
+    """Eager auto runs the C++ rms_norm; under torch.compile auto hands inductor the reference ops
+    (fusable) while an explicit ``cpu`` backend keeps the custom op in the graph."""
+    def graph_targets(backend):
+        torch._dynamo.reset()
+        seen = []
+
+        def capture(gm, example_inputs):
+            seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm.forward
+
+        ops.set_backend(backend)
+        x = torch.randn(4, 8)
+        out = torch.compile(lambda a: ops.rms_norm(a, EPS), backend=capture, fullgraph=True)(x)
+        torch.testing.assert_close(out, reference.rms_norm(x, EPS))
+        return seen
+
+    ops.set_backend("auto")
+    assert dispatch.resolve("rms_norm", "cpu") == "cpu"          # eager: the native kernel
+    auto_targets = graph_targets("auto")
+    assert auto_targets and not any("trm" in t for t in auto_targets), auto_targets
+    assert any("trm" in t for t in graph_targets("cpu"))
+
+
 # ---------------------------------------------------------------------------------------------
 # AdamATan2 through the front door
 # ---------------------------------------------------------------------------------------------

@@ -213,6 +213,9 @@ class TrainConfig:
     """Stop (evaluate, checkpoint) once this much wall time has passed since the start."""
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
+    compile: bool = False
+    """torch.compile the recursion (``model.inner``) in place: 1.2x per step on CPU, more on GPU; the first
+    steps pay the compile time. Not with deepspeed.zero_stage=3 (its parameter hooks break the graph)."""
     shard_puzzle_table: bool = False
     """Shard the puzzle-embedding table by rows across ranks (each holds ~1/W of it)."""
     save_timeout_minutes: float = 10.0
@@ -442,6 +445,12 @@ def _check_values(cfg: DictConfig, source: str) -> None:
         raise ConfigError(
             f"Config key 'model.halt_exploration_prob' (from {source}) must be in [0, 1], "
             f"got {cfg.model.halt_exploration_prob}."
+        )
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            f"train.compile=true cannot be combined with deepspeed.zero_stage=3 (from {source}): ZeRO-3 "
+            f"gathers each parameter in hooks that torch.compile cannot trace. Use zero_stage 0-2 with "
+            f"compile, or set train.compile=false."
         )
     ks = list(cfg.train.arc_pass_ks)
     if not ks or min(ks) < 1:

@@ -12,7 +12,8 @@ Backends (DESIGN.md, "Ops"); each provides some ops, all with the reference's si
   passed the error rule of DESIGN.md in the tests, so ``auto`` never trades correctness for
   speed; the order comes from ``pytest benchmarks`` (an op keeps the reference on a device
   until a measurement says a kernel is faster there). A missing backend is named once
-  (warning) and the next candidate runs.
+  (warning) and the next candidate runs. Under ``torch.compile`` on CPU, auto traces the
+  reference so inductor can fuse it (our C++ ops are opaque to it).
 
 Explicit choices fail loudly instead of falling back: ``set_backend("cuda")`` raises at once when
 the backend cannot run here (with the reason), and running an op of an explicit backend on
@@ -205,6 +206,11 @@ def resolve(op: str, device: torch.device | str) -> str:
         if not ok:
             raise RuntimeError(f"kernel backend {name!r} was requested for {op} but cannot run here: {reason}")
         return name
+    if device.type == "cpu" and torch.compiler.is_compiling():
+        # under torch.compile on CPU, inductor fuses the reference's elementwise ops into the
+        # matmuls' neighbours; an opaque C++ op would cut those fusions (measured in
+        # benchmarks/test_bench_e2e.py: 0.79x of the plain model compiled), so auto traces the reference
+        return "torch"
     for candidate in AUTO_ORDER.get(op, {}).get(device.type, ()):
         ok, reason = available(candidate)
         if ok and op in _provider(candidate)[0] and _device_ok(candidate, device):

@@ -96,6 +96,10 @@ class Trainer:
             ds_config["checkpoint"] = {"load_universal": True}
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.model = self.engine.module
+        if tc.compile:
+            # In place (nn.Module.compile): parameter names, checkpoints and the EMA are unchanged.
+            # Only the recursion is compiled; the ACT bookkeeping around it stays eager.
+            self.model.inner.compile()
         puzzle_emb = self.model.puzzle_emb
         self.puzzle_optimizer = None
         if puzzle_emb is not None:
