@@ -320,3 +320,28 @@ def test_compile_with_zero3_is_a_clear_config_error(tmp_path, sudoku_dir):
     assert proc.returncode == 2
     assert "train.compile=true cannot be combined with deepspeed.zero_stage=3" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def test_built_dataset_records_its_build_and_refuses_a_different_one(tmp_path):
+    """A dataset built from ``data.build`` records that section; a later config whose build
+    section differs fails before training (the data would not be what the config says) and the
+    existing data is kept."""
+    import yaml
+
+    data_dir = tmp_path / "data"
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", data_dir,
+                       train={"max_steps": 1, "eval_interval": 0, "checkpoint_interval": 0})
+    doc = yaml.safe_load(cfg.read_text())
+    doc["data"]["build"] = {"kind": "sudoku", "train_puzzles": 8, "test_puzzles": 2, "min_blanks": 30, "max_blanks": 34}
+    cfg.write_text(yaml.safe_dump(doc))
+    run_train(str(cfg))
+    record = json.loads((data_dir / "trm_build.json").read_text())
+    assert record["min_blanks"] == 30 and record["max_blanks"] == 34 and record["train_puzzles"] == 8
+    inputs_before = (data_dir / "train" / "all__inputs.npy").read_bytes()
+
+    run_train(str(cfg), f"run_dir={tmp_path / 'again'}")            # same build section: reused
+    proc = run_train(str(cfg), f"run_dir={tmp_path / 'other'}", "data.build.min_blanks=32", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "min_blanks: built 30, config 32" in proc.stderr and f"Delete {data_dir}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (data_dir / "train" / "all__inputs.npy").read_bytes() == inputs_before

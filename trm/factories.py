@@ -53,10 +53,38 @@ def _lookup(table: dict[str, Callable], kind: str, name: str, key: str) -> Calla
     return table[name]
 
 
+BUILD_RECORD = "trm_build.json"
+"""Written next to the splits of a dataset built from ``data.build``: the build section it came from."""
+
+
 def build_dataset_dir(cfg: Config, world: World) -> None:
-    """Build ``data.path`` from ``data.build`` when it does not exist yet (rank 0; others wait)."""
+    """Build ``data.path`` from ``data.build`` when it does not exist yet (rank 0; others wait).
+
+    The build section is recorded in ``<data.path>/trm_build.json``; an existing directory whose
+    record differs from the config's ``data.build`` is a ConfigError (training on data the config
+    does not describe would be silent and wrong). Directories without a record (built by the CLI,
+    or by hand) are used as they are."""
+    import json
+
+    from trm.config import to_dict
+
     path = Path(cfg.data.path)
-    if (path / "train" / "dataset.json").exists() or cfg.data.build is None:
+    if cfg.data.build is None:
+        return
+    wanted = to_dict(cfg.data.build)
+    if (path / "train" / "dataset.json").exists():
+        record = path / BUILD_RECORD
+        if record.exists():
+            try:
+                built = json.loads(record.read_text())
+            except (OSError, ValueError) as exc:
+                raise DatasetError(f"{record} is unreadable ({exc}); delete {path} to rebuild it.") from exc
+            diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
+            if diff:
+                said = ", ".join(f"{k}: built {a!r}, config {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise ConfigError(
+                    f"data.path {path} was built from a different data.build section ({said}). "
+                    f"Delete {path} to rebuild it from the config, or set data.path to a new directory.")
         return
     if world.is_main:
         b = cfg.data.build
@@ -77,6 +105,7 @@ def build_dataset_dir(cfg: Config, world: World) -> None:
             from trm.data.arc import build_arc
 
             build_arc(path, b.kind, aug=b.aug, seed=b.seed, source=b.source, max_tasks=b.max_tasks)
+        (path / BUILD_RECORD).write_text(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
     barrier()
 
 
