@@ -214,8 +214,8 @@ class TrainConfig:
     num_threads: Optional[int] = None
     """torch intra-op threads on CPU (None: torch's default)."""
     compile: bool = False
-    """torch.compile the recursion (``model.inner``) in place: 1.2x per step on CPU, more on GPU; the first
-    steps pay the compile time. Not with deepspeed.zero_stage=3 (its parameter hooks break the graph)."""
+    """torch.compile the recursion (``model.inner``) in place: about 1.2x per step on the 2-core CPU
+    (GPU unmeasured); the first steps pay the compile time. Not with deepspeed.zero_stage=3."""
     shard_puzzle_table: bool = False
     """Shard the puzzle-embedding table by rows across ranks (each holds ~1/W of it)."""
     save_timeout_minutes: float = 10.0
