@@ -180,3 +180,17 @@ def test_cuda_matches_cpu_kernels(cuda_kernels):
     ref64 = (lambda s: s * torch.rsqrt(s.square().mean(-1, keepdim=True) + 1e-5))(base.double().transpose(1, 2)
                                                                                  + r.double())
     assert_error_rule(y_gpu.cpu(), y_cpu, ref64, "cuda vs cpu rms_norm", torch.finfo(torch.float32).eps * 4)
+
+
+@pytest.mark.gpu
+def test_cuda_rms_norm_mixed_devices_is_a_clear_error(cuda_kernels):
+    """A CPU input with a CUDA residual dispatches to the CUDA kernel (any CUDA argument does): it
+    must name the misplaced tensor, not fail inside the device guard."""
+    x, r = torch.randn(2, 3, 8), torch.randn(2, 3, 8, device="cuda")
+    for call in (lambda: torch.ops.trm.rms_norm_fwd(x, r, -1, 1e-5),
+                 lambda: torch.ops.trm.rms_norm_fwd_only(x, r, -1, 1e-5)):
+        with pytest.raises(RuntimeError, match=r"x is on cpu; move it to cuda"):
+            call()
+    y, rstd = torch.ops.trm.rms_norm_fwd(r, None, -1, 1e-5)
+    with pytest.raises(RuntimeError, match=r"y is on cpu; move it to cuda"):
+        torch.ops.trm.rms_norm_bwd(y, y.cpu(), rstd, -1)

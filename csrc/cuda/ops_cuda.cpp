@@ -44,6 +44,7 @@ void run_fwd(const trm::RmsFwdArgs& a, double eps) {
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                      int64_t dim, double eps) {
+  trm::check_device(x, kCUDA, "rms_norm_fwd", "x");  // before the guard: a CPU x must get this message
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = trm::prepare_rms_fwd(x, residual, dim, /*save_rstd=*/true, kCUDA, "rms_norm_fwd");
   run_fwd(a, eps);
@@ -52,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cuda(const at::Tensor& x, const 
 
 at::Tensor rms_norm_fwd_only_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual, int64_t dim,
                                   double eps) {
+  trm::check_device(x, kCUDA, "rms_norm_fwd_only", "x");
   const c10::cuda::CUDAGuard guard(x.device());
   auto a = trm::prepare_rms_fwd(x, residual, dim, /*save_rstd=*/false, kCUDA, "rms_norm_fwd_only");
   run_fwd(a, eps);
@@ -59,6 +61,7 @@ at::Tensor rms_norm_fwd_only_cuda(const at::Tensor& x, const std::optional<at::T
 }
 
 at::Tensor rms_norm_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& y, const at::Tensor& rstd, int64_t dim) {
+  trm::check_device(y, kCUDA, "rms_norm_bwd", "y");
   const c10::cuda::CUDAGuard guard(y.device());
   auto a = trm::prepare_rms_bwd(grad_y, y, rstd, dim, kCUDA, "rms_norm_bwd");
   C10_CUDA_CHECK(trm_cuda::rms_norm_bwd(dtype_of(a.y), a.dy.const_data_ptr(), s3(a.dys), a.y.const_data_ptr(),
