@@ -345,3 +345,10 @@ def test_built_dataset_records_its_build_and_refuses_a_different_one(tmp_path):
     assert "min_blanks: built 30, config 32" in proc.stderr and f"Delete {data_dir}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (data_dir / "train" / "all__inputs.npy").read_bytes() == inputs_before
+
+    # a record written before a schema key existed lacks it: the default is what that build used
+    del record["min_path_length"]
+    (data_dir / "trm_build.json").write_text(json.dumps(record))
+    run_train(str(cfg), f"run_dir={tmp_path / 'older'}")
+    proc = run_train(str(cfg), f"run_dir={tmp_path / 'older2'}", "data.build.min_path_length=120", check=False)
+    assert proc.returncode == 2 and "min_path_length: built 110, config 120" in proc.stderr, proc.stderr[-2000:]

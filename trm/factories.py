@@ -62,8 +62,9 @@ def build_dataset_dir(cfg: Config, world: World) -> None:
 
     The build section is recorded in ``<data.path>/trm_build.json``; an existing directory whose
     record differs from the config's ``data.build`` is a ConfigError (training on data the config
-    does not describe would be silent and wrong). Directories without a record (built by the CLI,
-    or by hand) are used as they are."""
+    does not describe would be silent and wrong); a key the record lacks (added to the schema
+    later) counts as its default. Directories without a record (built by the CLI, or by hand) are
+    used as they are."""
     import json
 
     from trm.config import to_dict
@@ -79,7 +80,11 @@ def build_dataset_dir(cfg: Config, world: World) -> None:
                 built = json.loads(record.read_text())
             except (OSError, ValueError) as exc:
                 raise DatasetError(f"{record} is unreadable ({exc}); delete {path} to rebuild it.") from exc
-            diff = {k: (built.get(k), v) for k, v in wanted.items() if built.get(k) != v}
+            # A key missing from the record came into the schema after that build: the build ran as
+            # its default does, so only a non-default value in the config is a difference.
+            defaults = to_dict(type(cfg.data.build)())
+            diff = {k: (built.get(k, defaults.get(k)), v) for k, v in wanted.items()
+                    if built.get(k, defaults.get(k)) != v}
             if diff:
                 said = ", ".join(f"{k}: built {a!r}, config {b!r}" for k, (a, b) in sorted(diff.items()))
                 raise ConfigError(
