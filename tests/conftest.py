@@ -68,13 +68,56 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, train: dict | None =
     return path
 
 
+RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(threads: str = "2") -> dict[str, str]:
+    """The environment of a single-process ``trm`` subprocess: this one without the rank variables
+    an in-process trainer may have set, ``threads`` OpenMP threads, the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env.update(OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.fixture
+def restore_rank_variables():
+    """In-process trainers and evaluations set RANK/MASTER_PORT/...; put them back so that later
+    subprocesses (in any test file) do not inherit a port this process already holds. Files that
+    run them in process use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    saved = {name: os.environ.get(name) for name in RANK_VARS}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def run_train(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m trm.train ARGS`` in a subprocess (one process, CPU, two threads)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "trm.train", *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "trm.train", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"trm.train {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def kill_at_checkpoint(cfg: Path, run_dir: Path, step: int, deadline_s: float = 240) -> None:
+    """Start ``python -m trm.train cfg``, SIGKILL it as soon as the checkpoint of ``step`` is
+    complete (a crash mid-run). The caller checks that the kill came before the run's end."""
+    import signal
+    import time
+
+    from trm.train import checkpoint as ckpt
+
+    proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg)], cwd=REPO, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + deadline_s
+    try:
+        while not ckpt.is_complete(ckpt.step_dir(run_dir, step)):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

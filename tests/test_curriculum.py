@@ -4,18 +4,13 @@ clear errors, and exact resume after kill -9 of a curriculum run."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_train, write_config
+from conftest import kill_at_checkpoint, run_train, write_config
 from test_train import _assert_identical, _checkpoint_state
 from trm.config import ConfigError, load_config
 from trm.data.curriculum import CurriculumSchedule, Stage, example_difficulty
@@ -35,20 +30,7 @@ CURRICULUM = """curriculum:
 With the tiny model (q_halt starts at -5, so nothing halts early) slots load at steps 1, 3, 7."""
 
 
-RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True)
-def _restore_rank_variables():
-    """In-process trainers set RANK/MASTER_PORT/...; put them back so later subprocesses
-    (in any test file) do not inherit a port this process already holds."""
-    saved = {name: os.environ.get(name) for name in RANK_VARS}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+pytestmark = pytest.mark.usefixtures("restore_rank_variables")  # in-process trainers set RANK etc.
 
 
 def _deterministic_metrics(run_dir) -> list[dict]:
@@ -162,17 +144,7 @@ def test_curriculum_run_resumes_bit_identically_after_kill(tmp_path, sudoku_dir)
     run_train(str(write_config(tmp_path / "a.yaml", straight_dir, sudoku_dir, train, extra=CURRICULUM)))
 
     cfg_b = write_config(tmp_path / "b.yaml", killed_dir, sudoku_dir, train, extra=CURRICULUM)
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg_b)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt.is_complete(ckpt.step_dir(killed_dir, 3)):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline, "no checkpoint within the deadline"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cfg_b, killed_dir, 3)
     latest = find_latest_checkpoint(killed_dir)
     assert latest is not None and latest.name != "step_9", "the kill came too late to test anything"
 

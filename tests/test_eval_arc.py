@@ -14,7 +14,6 @@ Run: ``.venv/bin/python -m pytest tests/test_eval_arc.py -q``.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -24,32 +23,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_train, write_config
+from conftest import REPO, run_train, subprocess_env, write_config
 from trm.data import arc
 from trm.eval.arc_vote import ArcEvalSet, score_submission, validate_submission
 
-RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+pytestmark = pytest.mark.usefixtures("restore_rank_variables")  # in-process trainers set RANK etc.
 ARC_MODEL = {"hidden_size": 16, "H_cycles": 1, "L_cycles": 1, "halt_max_steps": 2, "puzzle_emb_ndim": 16,
              "puzzle_emb_len": 1, "mlp_t": False}
 ARC_TRAIN = {"max_steps": 3, "global_batch_size": 4, "eval_interval": 2, "checkpoint_interval": 3, "eval_batch_size": 3}
-
-
-@pytest.fixture(autouse=True)
-def _restore_rank_variables():
-    """In-process trainers set RANK/MASTER_PORT/...; later subprocesses must not inherit them."""
-    saved = {name: os.environ.get(name) for name in RANK_VARS}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _env(threads: str = "2") -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO))
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -234,14 +215,14 @@ def test_evaluate_an_export_reproduces_its_checkpoint(arc_run, tmp_path):
     """Export step 3 (EMA weights) and evaluate the folder with torch.load forbidden."""
     export = tmp_path / "export"
     proc = subprocess.run([sys.executable, "-m", "trm.export", str(arc_run / "checkpoints" / "step_3"), "--out", str(export)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((export / "export.json").read_text())["ema"] is True
     no_unpickling = ("import runpy, sys, torch\n"
                      "def refuse(*a, **k):\n    raise AssertionError('torch.load was called')\n"
                      "torch.load = refuse\n"
                      "runpy.run_module('trm.evaluate', run_name='__main__', alter_sys=True)\n")
-    proc = subprocess.run([sys.executable, "-c", no_unpickling, str(export)], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-c", no_unpickling, str(export)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "eval" / "export_step_3.json").read_text())
@@ -274,7 +255,7 @@ def test_two_processes_vote_like_one(arc_run, tmp_path):
     out = tmp_path / "two.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
                            f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "trm.evaluate", str(arc_run), f"out={out}"],
-                          cwd=REPO, env=_env("1"), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=subprocess_env("1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["metrics"] == _logged_evals(arc_run)[3]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,32 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_train, write_config
+from conftest import REPO, run_train, subprocess_env, write_config
 from trm.evaluate import main as evaluate_main
 
 TRAIN = {"max_steps": 6, "eval_interval": 3, "checkpoint_interval": 3, "eval_batch_size": 4}
 
 
-RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(autouse=True)
-def _restore_rank_variables():
-    """In-process trainers set RANK/MASTER_PORT/...; put them back so later subprocesses
-    (in any test file) do not inherit a port this process already holds."""
-    saved = {name: os.environ.get(name) for name in RANK_VARS}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
-
-def _env(threads: str = "2") -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
-    env.update(OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO))
-    return env
+pytestmark = pytest.mark.usefixtures("restore_rank_variables")  # in-process trainers set RANK etc.
 
 
 def _logged_evals(run_dir: Path) -> dict[int, dict]:
@@ -109,7 +89,7 @@ def test_early_exit_metrics_follow_each_sample_first_halt(tmp_path, sudoku_dir):
 
 def test_evaluate_reproduces_the_logged_metrics(tiny_run, tmp_path):
     logged = _logged_evals(tiny_run)
-    proc = subprocess.run([sys.executable, "-m", "trm.evaluate", str(tiny_run)], cwd=REPO, env=_env(),
+    proc = subprocess.run([sys.executable, "-m", "trm.evaluate", str(tiny_run)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tiny_run / "eval" / "step_6.json").read_text())
@@ -142,7 +122,7 @@ def test_two_processes_give_the_same_numbers(tiny_run, tmp_path):
     out = tmp_path / "two.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend=c10d",
                            f"--rdzv_endpoint=127.0.0.1:{port}", "-m", "trm.evaluate", str(tiny_run), f"out={out}"],
-                          cwd=REPO, env=_env("1"), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=subprocess_env("1"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["metrics"] == _logged_evals(tiny_run)[6]

@@ -4,7 +4,6 @@ query supervised, deterministic cached tables, and a tiny run + evaluation end t
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
@@ -17,20 +16,6 @@ from trm.data.format import DatasetError
 from trm.data.rag import example_groups, exact_neighbors, faiss_neighbors
 from trm.data.sudoku import augment_at
 from trm.evaluate import main as evaluate_main
-
-
-@pytest.fixture
-def restore_rank_variables():
-    """The in-process evaluation sets RANK/MASTER_PORT/...; put them back so later subprocesses
-    (in any test file) do not inherit a port this process already holds."""
-    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 def _random_problem(rng, n_keys=37, n_queries=11, seq_len=13, vocab=4):

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, run_train, write_config
+from conftest import kill_at_checkpoint, run_train, write_config
 from trm.train import find_latest_checkpoint
 from trm.train import checkpoint as ckpt
 
@@ -98,16 +93,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path, sudoku_dir):
     run_train(str(write_config(tmp_path / "a.yaml", straight_dir, sudoku_dir, train)))
 
     cfg_b = write_config(tmp_path / "b.yaml", killed_dir, sudoku_dir, train)
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg_b)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not ckpt.is_complete(ckpt.step_dir(killed_dir, 4)):
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        assert time.time() < deadline, "no checkpoint within the deadline"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cfg_b, killed_dir, 4)
     latest = find_latest_checkpoint(killed_dir)
     assert latest is not None and latest.name != "step_12", "the kill came too late to test anything"
 
