@@ -258,3 +258,18 @@ def test_adam_atan2_backends_match_reference(backend):
     for a_list, b_list in zip(out, ref):
         for a, b in zip(a_list, b_list):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("bad", [11, -1])
+def test_out_of_range_labels_raise_the_same_error_on_every_backend(backend, bad):
+    """A bad label is a data bug: every backend says so with one error type (IndexError) naming the
+    label and its position; the ignore_index is never out of range."""
+    logits = torch.randn(2, 3, 11)
+    labels = torch.zeros(2, 3, dtype=torch.long)
+    labels[1, 2] = bad
+    with ops.use_backend(backend, op="stablemax_cross_entropy"):
+        with pytest.raises(IndexError, match=rf"label {bad} .*out of range \[0, 11\)"):
+            ops.stablemax_cross_entropy(logits, labels)
+        labels[1, 2] = reference.IGNORE_LABEL_ID
+        assert torch.isfinite(ops.stablemax_cross_entropy(logits, labels)).all()

@@ -382,7 +382,7 @@ def test_stablemax_strided_labels_and_errors():
     torch.testing.assert_close(loss, reference.stablemax_cross_entropy(logits.double(), custom, -7), rtol=1e-6, atol=0)
     for bad in (-7, 10):
         labels[0, 0] = bad
-        with pytest.raises(ValueError, match="out of range"):
+        with pytest.raises(IndexError, match="out of range"):         # the same error as every backend
             IMPLS["stablemax_cross_entropy"](logits, labels)
 
 

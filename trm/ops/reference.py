@@ -65,8 +65,26 @@ def log_stablemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.log(s) - torch.log(s.sum(dim=dim, keepdim=True))
 
 
+def check_labels(labels: torch.Tensor, V: int, ignore_index: int) -> None:
+    """Raise IndexError for a label outside ``[0, V)`` that is not ``ignore_index`` (on a GPU: one
+    reduction and a host sync). Every backend raises this same error; nothing is checked while
+    ``torch.compile`` traces (a data-dependent branch), where a bad label gives a NaN loss."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise IndexError(f"stablemax_cross_entropy: label {int(labels[where])} at position {where} is out of range "
+                         f"[0, {V}) and is not ignore_index ({ignore_index}); fix the labels, or pass the "
+                         f"ignore_index that marks padding")
+
+
 def stablemax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor, ignore_index: int = IGNORE_LABEL_ID) -> torch.Tensor:
-    """Per-token ``-log stablemax(logits)[label]`` in float64; 0 where the label is ignored."""
+    """Per-token ``-log stablemax(logits)[label]`` in float64; 0 where the label is ignored.
+    Out-of-range labels raise :func:`check_labels`'s IndexError on CPU tensors (free there; on a GPU
+    the gather's own device assert fires, and the kernel backends check)."""
+    if labels_BL.device.type == "cpu":
+        check_labels(labels_BL, logits_BLV.shape[-1], ignore_index)
     logprobs = log_stablemax(logits_BLV.to(torch.float64), dim=-1)
     valid = labels_BL != ignore_index
     safe_labels = torch.where(valid, labels_BL, 0).long()

@@ -489,18 +489,6 @@ def _ce_geometry(Q: int, V: int) -> tuple[int, int]:
     return BLOCK_Q, BLOCK_V
 
 
-def _check_labels(labels: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Raise on a label outside [0, V) that is not ignore_index (one reduction + host sync)."""
-    if torch.compiler.is_compiling():
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        where = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"stablemax_cross_entropy: label {int(labels[where])} at index {where} is out of range "
-                         f"[0, {V}) and is not ignore_index={ignore_index}; fix the labels or pass the "
-                         f"ignore_index they use")
-
-
 def _ce_forward(logits, labels, ignore_index, layout):
     V = logits.shape[-1]
     P, Q, ((sl_p, sl_q), (sb_p, sb_q)) = layout
@@ -564,7 +552,7 @@ def stablemax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor,
         layout = _rows_layout(shape, [logit_strides, list(labels.stride())])
     if layout is None:
         return reference.stablemax_cross_entropy(logits, labels, ignore_index)
-    _check_labels(labels, logits.shape[-1], ignore_index)
+    reference.check_labels(labels, logits.shape[-1], ignore_index)
     if not _needs_grad(logits):
         return _ce_forward(logits, labels, ignore_index, layout)
     return _StablemaxCEFn.apply(logits, labels, ignore_index, layout)
