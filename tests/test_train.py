@@ -325,16 +325,24 @@ def test_built_dataset_records_its_build_and_refuses_a_different_one(tmp_path):
     assert record["min_blanks"] == 30 and record["max_blanks"] == 34 and record["train_puzzles"] == 8
     inputs_before = (data_dir / "train" / "all__inputs.npy").read_bytes()
 
-    run_train(str(cfg), f"run_dir={tmp_path / 'again'}")            # same build section: reused
     proc = run_train(str(cfg), f"run_dir={tmp_path / 'other'}", "data.build.min_blanks=32", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "min_blanks: built 30, config 32" in proc.stderr and f"Delete {data_dir}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert (data_dir / "train" / "all__inputs.npy").read_bytes() == inputs_before
 
+    # the same check in process (the trainer above ran it): same section -> reused as is
+    from trm.config import ConfigError, load_config
+    from trm.factories import build_dataset_dir
+    from trm.train.distributed import World
+
+    world = World(0, 0, 1, torch.device("cpu"))
+    build_dataset_dir(load_config(cfg), world)
+    assert (data_dir / "train" / "all__inputs.npy").read_bytes() == inputs_before
     # a record written before a schema key existed lacks it: the default is what that build used
     del record["min_path_length"]
     (data_dir / "trm_build.json").write_text(json.dumps(record))
-    run_train(str(cfg), f"run_dir={tmp_path / 'older'}")
-    proc = run_train(str(cfg), f"run_dir={tmp_path / 'older2'}", "data.build.min_path_length=120", check=False)
-    assert proc.returncode == 2 and "min_path_length: built 110, config 120" in proc.stderr, proc.stderr[-2000:]
+    build_dataset_dir(load_config(cfg), world)
+    with pytest.raises(ConfigError, match="min_path_length: built 110, config 120"):
+        build_dataset_dir(load_config(cfg, ["data.build.min_path_length=120"]), world)
+    assert (data_dir / "train" / "all__inputs.npy").read_bytes() == inputs_before
