@@ -74,19 +74,22 @@ def _tensor_bytes(tree) -> int:
 
 
 def _peak_mb(fn) -> float:
-    """Peak memory of one training step in MiB. GPU: ``max_memory_allocated``. CPU: the state that
+    """Peak memory of one training step in MiB. GPU: ``max_memory_allocated`` less what the other
+    variants in this process hold (their models and optimizer states). CPU: the state that
     lives across steps (parameters, optimizer state, carry) plus the step's peak transient
     allocation, from the profiler's allocation events (CPU has no allocator peak counter)."""
-    if bu.on_gpu():
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
     model, opt, state = fn.persistent
     persistent = (_tensor_bytes(list(model.parameters())) + _tensor_bytes(list(opt.state.values()))
                   + _tensor_bytes(state["carry"]))
+    if bu.on_gpu():
+        torch.cuda.synchronize()
+        others = torch.cuda.memory_allocated() - persistent   # the other variants' models, the batch
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - others) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # every allocation and free with its timestamp (the op-level events fold them into per-op nets)
