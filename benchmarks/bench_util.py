@@ -20,7 +20,8 @@ file or entry the result is recorded and reported as "no baseline". Update on pu
 keeping each entry's factor) and commit the diff. ``TRM_BENCH_BASELINE=path.json`` points the
 gate at another file (the gate's own test uses this).
 
-Results of a session go to ``benchmarks/results/<device>-<date>.csv`` (or ``TRM_BENCH_RESULTS``)
+Results of a session go to ``benchmarks/results/<device>-<date>.csv`` (or ``TRM_BENCH_RESULTS``;
+a partial run replaces its own rows of that day's file and keeps the rest)
 and a short table is printed at the end of the run (conftest.py).
 """
 
@@ -218,14 +219,21 @@ def write_csv() -> Path | None:
     path = Path(os.environ.get("TRM_BENCH_RESULTS") or RESULTS / f"{device_class()}-{_dt.date.today().isoformat()}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f for f in asdict(SESSION[0]) if f != "extra"] + ["extra", "device"]
+    rows: dict[str, dict] = {}
+    if path.exists():   # a partial run (-k) updates its rows and keeps the others of the day's file
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames == fields:
+                rows = {row["name"]: row for row in reader}
+    for r in SESSION:
+        row = asdict(r)
+        row["extra"] = json.dumps(row["extra"], sort_keys=True)
+        row["device"] = device_class()
+        rows[r.name] = row
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
-        for r in SESSION:
-            row = asdict(r)
-            row["extra"] = json.dumps(row["extra"], sort_keys=True)
-            row["device"] = device_class()
-            w.writerow(row)
+        w.writerows(rows.values())
     return path
 
 

@@ -89,3 +89,18 @@ def test_committed_cpu_baseline_is_well_formed():
         assert data, f
         for name, entry in data.items():
             assert entry["speedup"] > 0 and entry["factor"] >= 1.0, (f, name)
+
+
+def test_a_partial_run_updates_its_rows_of_the_days_csv(tmp_path, monkeypatch):
+    """``pytest benchmarks -k X`` must not wipe the day's full results: its rows replace theirs."""
+    path = tmp_path / "results.csv"
+    monkeypatch.setenv("TRM_BENCH_RESULTS", str(path))
+    first, second = _result(2.0), _result(3.0)
+    second.name = "other/fwd/x/float32/1x2"
+    monkeypatch.setattr(bench_util, "SESSION", [first, second])
+    bench_util.write_csv()
+    again = _result(2.5)
+    monkeypatch.setattr(bench_util, "SESSION", [again])
+    bench_util.write_csv()
+    rows = {r["name"]: float(r["speedup"]) for r in csv.DictReader(path.open())}
+    assert rows == {first.name: 2.5, second.name: 3.0}
