@@ -183,6 +183,18 @@ def test_flops_estimate_matches_torch_flop_counter(variant, monkeypatch):
     assert perf["perf/tflops_per_s"] == pytest.approx(estimate * 3 / 1.5 / 1e12)
     assert perf["perf/mfu"] == pytest.approx(perf["perf/tflops_per_s"] / (0.5 * 2))
 
+    # a curriculum stage runs shallower: steps are counted at the depth they ran at
+    throughput = Throughput(model, B, devices=1, device=torch.device("cpu"), peak_tflops=0.5)
+    full_H = model.config.H_cycles
+    model.config.H_cycles = full_H + 1
+    deeper = training_flops_per_step(model, B)
+    throughput.count_step()
+    model.config.H_cycles = full_H
+    throughput.count_step()
+    perf = throughput.summary(steps=2, seconds=1.0)
+    assert deeper > estimate and perf["perf/tflops_per_s"] == pytest.approx((deeper + estimate) / 1e12)
+    assert throughput.summary(steps=1, seconds=1.0)["perf/tflops_per_s"] == pytest.approx(estimate / 1e12)
+
 
 def _config(tmp_path: Path, **train):
     return types.SimpleNamespace(train=types.SimpleNamespace(plots=False, wandb=True, wandb_project="p", **train))

@@ -108,10 +108,24 @@ class Throughput:
                  peak_tflops: float | None = None):
         self.model, self.global_batch, self.devices, self.device = model, global_batch, devices, device
         self.peak_tflops = peak_tflops if peak_tflops else default_peak_tflops(device, model.config.forward_dtype)
+        self._counted_flops = 0.0                       # of the steps counted since the last summary
+        self._flops_at_depth: dict[tuple, float] = {}
+
+    def count_step(self) -> None:
+        """Count one optimizer step at the model's recursion depth NOW: the trainer calls it inside
+        the curriculum stage's depth, so a shallow early stage is not credited full-depth FLOPs."""
+        cfg = self.model.config
+        depth = (cfg.H_cycles, cfg.L_cycles, cfg.no_ACT_continue)
+        if depth not in self._flops_at_depth:
+            self._flops_at_depth[depth] = training_flops_per_step(self.model, self.global_batch)
+        self._counted_flops += self._flops_at_depth[depth]
 
     def summary(self, steps: int, seconds: float) -> dict[str, float]:
+        """``perf/*`` of a window of ``steps`` steps: FLOPs of the steps counted by :meth:`count_step`
+        (without any, ``steps`` at the configured depth)."""
         seconds = max(seconds, 1e-9)
-        flops = training_flops_per_step(self.model, self.global_batch) * steps  # at the configured depth
+        flops = self._counted_flops or training_flops_per_step(self.model, self.global_batch) * steps
+        self._counted_flops = 0.0
         out = {
             "perf/tokens_per_s": self.global_batch * self.model.config.seq_len * steps / seconds,
             "perf/tflops_per_s": flops / seconds / 1e12,

@@ -178,6 +178,7 @@ class Trainer:
         batch = self._refill()
         with self._curriculum_depth():
             self.carry, outputs = self.engine(self.carry, batch, exploration=self._exploration_draws())
+            self.throughput.count_step()               # FLOPs at this stage's depth (perf/mfu)
         loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
                                  self.carry.steps, self.cfg.model.loss_type)
         if not self._finite_everywhere(loss):
