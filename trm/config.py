@@ -307,9 +307,13 @@ class Config:
     run_dir: str = MISSING
     """Directory of this run: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
     mode: str = "new"
-    """new (refuse a run_dir with checkpoints) | resume | auto | service."""
+    """new (refuse a run_dir with a previous run's files, see ``overwrite``) | resume | auto | service."""
     resume_from: Optional[str] = None
     """Checkpoint directory to resume from (default: the latest complete one in run_dir)."""
+    overwrite: bool = False
+    """mode=new only: start afresh in a run_dir that holds a previous run's files (metrics.jsonl,
+    config.yaml, tensorboard/, checkpoints/, eval/, learning_curves.png); they are first moved into
+    ``<run_dir>/previous_<UTC time>/``, never deleted. Without it mode=new refuses such a run_dir."""
     seed: int = 0
     """Seed of every random number generator."""
     device: str = "auto"
@@ -534,6 +538,50 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         raise _explain(err, source) from None
     _check_values(merged, source)
     return OmegaConf.to_object(merged)
+
+
+def _missing_keys(full: Any, written: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``full`` (a resolved config as plain data) absent from ``written``."""
+    if isinstance(full, dict):
+        if not isinstance(written, dict):
+            return []
+        missing = []
+        for key, value in full.items():
+            if key not in written:
+                missing.append(f"{prefix}{key}")
+            else:
+                missing += _missing_keys(value, written[key], f"{prefix}{key}.")
+        return missing
+    if isinstance(full, list) and isinstance(written, list) and len(full) == len(written):
+        return [k for i, (a, b) in enumerate(zip(full, written)) for k in _missing_keys(a, b, f"{prefix[:-1]}[{i}].")]
+    return []
+
+
+def load_saved_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a run SAVED (a checkpoint's or an export's config.yaml), then ``overrides``.
+
+    Such a file names every key (``to_yaml`` writes the resolved config), so a key that is missing
+    is an error (ConfigError naming the keys) instead of a schema default that may differ from
+    what the run used; unknown keys are errors as in ``load_config``."""
+    path = Path(path)
+    try:
+        written = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    except Exception:  # not YAML: load_config below says so
+        written = None
+    # Against the schema first (a missing required key would otherwise be reported as merely
+    # "required"), then against the resolved config (keys of optional sections and list entries).
+    missing = _missing_keys(OmegaConf.to_container(OmegaConf.structured(Config)), written)
+    cfg = load_config(path) if not missing else None
+    missing = missing or _missing_keys(to_dict(cfg), written)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ConfigError(
+            f"Saved config {path} is incomplete: it lacks {shown}. A saved config names every key, so this "
+            f"file was cut short or edited; trm will not fill in defaults that may differ from the run's. "
+            f"Restore it (e.g. from the run's <run_dir>/config.yaml, or a copy of the checkpoint) or add the "
+            f"missing keys with the values the run used."
+        )
+    return load_config(path, overrides) if overrides else cfg
 
 
 def to_yaml(cfg: Config) -> str:

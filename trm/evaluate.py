@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trm.config import ConfigError, load_config, to_dict
+from trm.config import ConfigError, load_config, load_saved_config, to_dict
 from trm.data.format import DatasetError
 from trm.train import checkpoint as ckpt
 
@@ -114,13 +114,20 @@ def resolve_checkpoint(target: Path, step: str | None) -> Path:
                 f"Checkpoint {target} is incomplete (no {ckpt.COMMIT_MARKER} marker: its save did not finish). "
                 f"Evaluate a complete one, e.g. the run directory (its latest complete checkpoint)."
             )
+        ckpt.verify_checkpoint(target)
         return target
     found = ckpt.list_checkpoints(target)
     if not found:
         raise EvaluateError(f"{target} has no complete checkpoint (looked for {ckpt.checkpoint_root(target)}/step_N "
                             f"with a {ckpt.COMMIT_MARKER} marker).")
     if step is None or step == "latest":
-        return found[-1][1]
+        newest = found[-1][1]
+        problem = ckpt.checkpoint_problem(newest)
+        if problem:
+            good = ckpt.find_latest_checkpoint(target, on_skip=None)
+            raise EvaluateError(f"{problem} " + (f"The newest good checkpoint is {good.name}: evaluate it with step="
+                                                 f"{good.name.split('_')[-1]}." if good else "No checkpoint of the run verifies."))
+        return newest
     if step == "best":
         state = ckpt.load_torch(found[-1][1] / "trainer_state.pt")
         best = state.get("best_step") if isinstance(state, dict) else None
@@ -132,6 +139,7 @@ def resolve_checkpoint(target: Path, step: str | None) -> Path:
     by_step = dict(found)
     if int(step) not in by_step:
         raise EvaluateError(f"{target} has no complete checkpoint at step {step}; it has steps {sorted(by_step)}.")
+    ckpt.verify_checkpoint(by_step[int(step)])
     return by_step[int(step)]
 
 
@@ -219,7 +227,7 @@ def evaluate(request: Request) -> dict[str, Any]:
         checkpoint = None
         _check_overrides(request.overrides, target)
         state_dict, export_info = _export_weights(target)
-        cfg = load_config(target / "config.yaml", request.overrides)
+        cfg = load_saved_config(target / "config.yaml", request.overrides)
         # The exported weights ARE the EMA weights when the run kept an EMA: evaluate them as they are.
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=False))
     elif target.is_file():
@@ -234,7 +242,7 @@ def evaluate(request: Request) -> dict[str, Any]:
                                 f"config.yaml (change evaluation keys with key=value).")
         checkpoint = resolve_checkpoint(target, request.step)
         _check_overrides(request.overrides, checkpoint)
-        cfg = load_config(checkpoint / "config.yaml", request.overrides)
+        cfg = load_saved_config(checkpoint / "config.yaml", request.overrides)
     try:
         ops.set_backend(cfg.kernels)
     except ValueError as err:

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trm.config import Config, ConfigError, load_config, to_dict, to_yaml
+from trm.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
 from trm.train import checkpoint as ckpt
 
 EXPORT_FORMAT = 1
@@ -82,7 +82,8 @@ def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor
         raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
                           f"(pick one listed by find_latest_checkpoint, e.g. <run_dir>/checkpoints/step_N).")
     try:
-        cfg = load_config(path / CONFIG_FILE)
+        ckpt.verify_checkpoint(path)
+        cfg = load_saved_config(path / CONFIG_FILE)
         state = ckpt.load_torch(path / "trainer_state.pt")
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ExportError(f"{path}/trainer_state.pt is not a trainer state of format {CHECKPOINT_FORMAT}.")
@@ -186,7 +187,7 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu") ->
                           f"make one with `python -m trm.export CHECKPOINT --out {path}`.")
     try:
         info = json.loads((path / INFO_FILE).read_text())
-        cfg = load_config(path / CONFIG_FILE)
+        cfg = load_saved_config(path / CONFIG_FILE)
         weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
     except (OSError, ValueError, ConfigError, SafetensorError) as err:
         raise ExportError(f"Export folder {path} cannot be read: {err}") from None

@@ -5,15 +5,23 @@
     torchrun --nproc_per_node=8 -m trm.train configs/large.yaml
     deepspeed --hostfile hosts -m trm.train configs/large.yaml
 
-Modes: ``mode=new`` (default; refuses a run_dir that has checkpoints), ``mode=resume``
-(latest complete checkpoint, or ``resume_from=PATH``), ``mode=auto`` (resume if possible),
-``mode=service`` (serve the run's newest checkpoint over HTTP and follow new ones; see ``trm.serve``).
+Modes: ``mode=new`` (default; refuses a run_dir holding a previous run's files unless
+``overwrite=true``), ``mode=resume`` (newest checkpoint that verifies, or ``resume_from=PATH``),
+``mode=auto`` (resume if possible, falling back past corrupt checkpoints), ``mode=service`` (serve the
+run's newest checkpoint over HTTP and follow new ones; see ``trm.serve``).
+
+SIGTERM / SIGUSR1 (preemption) and Ctrl+C finish the current step, save a checkpoint and exit with
+128 + the signal's number (143, 138, 130) after printing the command that resumes; a second Ctrl+C
+aborts at once (exit 130).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +31,8 @@ from trm import ops
 from trm.config import Config, ConfigError, load_config
 from trm.data.format import DatasetError
 from trm.factories import build_dataset, build_model_for, build_trainer
-from trm.train.checkpoint import CheckpointError, find_latest_checkpoint, is_complete
+from trm.train import checkpoint as ckpt
+from trm.train.checkpoint import CheckpointError
 from trm.train.distributed import init_world
 from trm.train.trainer import NonFiniteLossError
 
@@ -62,24 +71,98 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     return config, overrides
 
 
+PREVIOUS_RUN_FILES = ("metrics.jsonl", "config.yaml", "tensorboard", "checkpoints", "eval", "learning_curves.png")
+"""What a run writes at the top of its run_dir: mode=new refuses a run_dir holding any of them."""
+
+
+def _previous_run_files(run_dir: Path) -> list[str]:
+    return [name for name in PREVIOUS_RUN_FILES if (run_dir / name).exists()]
+
+
+def _set_previous_run_aside(run_dir: Path, names: list[str]) -> Path:
+    """overwrite=true: move the previous run's files into run_dir/previous_<UTC time>/ (never deleted)."""
+    stamp = time.strftime("previous_%Y%m%d-%H%M%S", time.gmtime())
+    target, k = run_dir / stamp, 1
+    while target.exists():
+        k += 1
+        target = run_dir / f"{stamp}.{k}"
+    target.mkdir()
+    for name in names:
+        os.replace(run_dir / name, target / name)
+    return target
+
+
+def _report_skipped(path: Path, reason: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trm.train: WARNING: skipping checkpoint {path.name}: {reason}", file=sys.stderr, flush=True)
+
+
 def resolve_resume(cfg: Config) -> Path | None:
-    """Which checkpoint to start from, per ``mode`` (None: a fresh run)."""
-    latest = find_latest_checkpoint(cfg.run_dir)
+    """Which checkpoint to start from, per ``mode`` (None: a fresh run). Every checkpoint is
+    verified against its manifest; mode=auto falls back past corrupt ones (saying so), mode=resume
+    refuses and names the newest good one. A checkpoint's config must be complete and compatible
+    with ``cfg`` (``ckpt.check_resume_config``)."""
+    run_dir = Path(cfg.run_dir)
     if cfg.mode == "new":
-        if latest is not None:
+        previous = _previous_run_files(run_dir)
+        if previous and not cfg.overwrite:
             raise RunError(
-                f"run_dir {cfg.run_dir} already has checkpoints (latest: {latest.name}); mode=new refuses to "
-                f"overwrite them. Use mode=resume or mode=auto to continue, or pick another run_dir."
+                f"run_dir {run_dir} already holds a previous run's files ({', '.join(previous)}); mode=new does not "
+                f"overwrite them. Continue that run with mode=resume or mode=auto, pick another run_dir, or pass "
+                f"overwrite=true to start afresh (the old files are moved to {run_dir}/previous_<time>/, not deleted)."
             )
+        if previous and int(os.environ.get("RANK", "0")) == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            aside = _set_previous_run_aside(run_dir, previous)
+            print(f"trm.train: overwrite=true: moved the previous run's {', '.join(previous)} to {aside}",
+                  file=sys.stderr, flush=True)
         return None
-    chosen = Path(cfg.resume_from) if cfg.resume_from else latest
-    if chosen is None:
-        if cfg.mode == "auto":
-            return None
-        raise RunError(f"mode=resume but run_dir {cfg.run_dir} has no complete checkpoint to resume from.")
-    if not is_complete(chosen):
-        raise RunError(f"resume_from={chosen} is not a complete checkpoint (no COMPLETE marker).")
+    if cfg.resume_from:
+        chosen = Path(cfg.resume_from)
+        if not ckpt.is_complete(chosen):
+            raise RunError(f"resume_from={chosen} is not a complete checkpoint (no {ckpt.COMMIT_MARKER} marker).")
+        problem = ckpt.checkpoint_problem(chosen)
+        if problem:
+            raise RunError(f"resume_from={chosen}: {problem} Pick another checkpoint of the run "
+                           f"(ls {chosen.parent}).")
+    else:
+        committed = ckpt.list_checkpoints(run_dir)
+        skipped: list[tuple[Path, str]] = []
+        chosen = ckpt.find_latest_checkpoint(run_dir, on_skip=lambda path, why: skipped.append((path, why)))
+        if skipped and cfg.mode == "resume":
+            newest, why = skipped[0]
+            fix = (f"resume from the newest good one with resume_from={chosen}" if chosen is not None
+                   else "no older checkpoint verifies either; start afresh with mode=new overwrite=true")
+            raise RunError(f"mode=resume: the newest checkpoint of {run_dir} is unusable: {why} To continue, {fix} "
+                           f"(or use mode=auto, which falls back to it by itself).")
+        for path, why in skipped:
+            _report_skipped(path, why)
+        if skipped:
+            _report_skipped_summary(chosen)
+        if chosen is None:
+            if cfg.mode == "auto":
+                return None
+            raise RunError(f"mode=resume but run_dir {run_dir} has no complete checkpoint to resume from"
+                           + (f" ({len(committed)} committed, none verifies)." if committed else "."))
+    ckpt.check_resume_config(cfg, chosen)
     return chosen
+
+
+def _report_skipped_summary(chosen: Path | None) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trm.train: WARNING: mode=auto is resuming from {chosen.name if chosen else 'nothing (a fresh start)'}, "
+              f"the newest checkpoint that verifies; the steps after it are trained again.", file=sys.stderr, flush=True)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run (the same arguments with mode=resume)."""
+    args = [a for a in argv if not a.startswith(("mode=", "resume_from=", "overwrite=", "--local_rank", "--local-rank"))]
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        launcher = "python -m trm.train"
+    elif "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE"):
+        launcher = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} -m trm.train"
+    else:
+        launcher = "<the same launcher> -m trm.train"
+    return f"{launcher} {shlex.join(args + ['mode=resume'])}"
 
 
 @record
@@ -111,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"trm.train: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("trm.train: error: interrupted (Ctrl+C); nothing was saved since the last checkpoint. Continue with "
+                  f"`{resume_command(argv)}` (mode=auto also starts afresh when there is no checkpoint yet).",
+                  file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+    if getattr(trainer, "stopped_by", None) is not None:
+        if world.is_main:
+            print(f"trm.train: stopped by {signal.Signals(trainer.stopped_by).name} at step {trainer.step}; checkpoint "
+                  f"{trainer.last_checkpoint} is complete. Resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
+        return 128 + trainer.stopped_by
     if result and world.is_main:
         print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return 0
