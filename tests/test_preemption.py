@@ -103,31 +103,32 @@ def _signal_at(monkeypatch, step: int, *signals: int, gap_s: float = 0.0):
     monkeypatch.setattr(Trainer, "train_step", train_step)
 
 
-def test_sigusr1_in_process_stop_then_resume_is_bit_identical(tmp_path, sudoku_dir, monkeypatch, capsys):
+def test_sigusr1_in_process_stop_then_resume_is_bit_identical(tmp_path, sudoku_dir, monkeypatch, capfd):
     from trm.train.__main__ import main
 
     threads = torch.get_num_threads()
     try:
-        straight = write_config(tmp_path / "a.yaml", tmp_path / "a", sudoku_dir, TRAIN)
+        train = {**TRAIN, "max_steps": 4, "checkpoint_interval": 3}
+        straight = write_config(tmp_path / "a.yaml", tmp_path / "a", sudoku_dir, train)
         assert main([str(straight)]) == 0
 
-        cfg = write_config(tmp_path / "b.yaml", tmp_path / "b", sudoku_dir, TRAIN)
+        cfg = write_config(tmp_path / "b.yaml", tmp_path / "b", sudoku_dir, train)
         with monkeypatch.context() as patch:
-            _signal_at(patch, 3, signal.SIGUSR1)
+            _signal_at(patch, 2, signal.SIGUSR1)
             assert main([str(cfg)]) == 128 + signal.SIGUSR1
-        err = capsys.readouterr().err
-        assert "SIGUSR1 received" in err and "stopped by SIGUSR1 at step 3" in err
-        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [3], "saved at the step reached, not at an interval"
-        ckpt.verify_checkpoint(ckpt.step_dir(tmp_path / "b", 3))
+        err = capfd.readouterr().err
+        assert "SIGUSR1 received" in err and "stopped by SIGUSR1 at step 2" in err
+        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2], "saved at the step reached, not at an interval"
+        ckpt.verify_checkpoint(ckpt.step_dir(tmp_path / "b", 2))
         assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "handlers are restored after the run"
 
         assert main([str(cfg), "mode=resume"]) == 0
-        _assert_same(_state(ckpt.step_dir(tmp_path / "a", 6)), _state(ckpt.step_dir(tmp_path / "b", 6)), "step_6")
+        _assert_same(_state(ckpt.step_dir(tmp_path / "a", 4)), _state(ckpt.step_dir(tmp_path / "b", 4)), "step_4")
     finally:
         torch.set_num_threads(threads)
 
 
-def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path, sudoku_dir, monkeypatch, capsys):
+def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path, sudoku_dir, monkeypatch, capfd):
     from trm.train import trainer as trainer_module
     from trm.train.__main__ import main
 
@@ -135,7 +136,7 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path, sudoku_dir, monkeypat
     with monkeypatch.context() as patch:  # the terminal's SIGINT and torchrun's relayed copy: one Ctrl+C
         _signal_at(patch, 2, signal.SIGINT, signal.SIGINT)
         assert main([str(cfg)]) == 130
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "stopped by SIGINT at step 2" in err and "mode=resume" in err
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
 
@@ -143,7 +144,7 @@ def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path, sudoku_dir, monkeypat
         patch.setattr(trainer_module, "RELAYED_SIGINT_WINDOW_S", 0.0)
         _signal_at(patch, 3, signal.SIGINT, signal.SIGINT, gap_s=0.01)
         assert main([str(cfg), "mode=resume"]) == 130
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "interrupted" in err and "mode=resume" in err and "Traceback" not in err
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [2]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
