@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, restore_rank_variables, run_train, subprocess_env, write_config  # noqa: F401
+from conftest import REPO, run_train, subprocess_env, write_config
 from trm.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")

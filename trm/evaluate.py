@@ -27,8 +27,12 @@ an export folder), written by rank 0. On an ARC dataset the results include the 
 (``eval/arc/pass@k``) and rank 0 writes the ARC Prize submission next to them
 (``submission_step_N.json``; ``submission_<name>.json`` for a state dict or an export).
 
-Errors (missing or incomplete checkpoint, forbidden override, weights that do not fit the
-config) exit with status 2 and one paragraph on stderr.
+A checkpoint is verified against the manifest of its COMPLETE marker first: a corrupt one is
+named as such (with the bad file, and for a run directory the ``step=`` of the newest good one),
+and its config.yaml must name every key (``load_saved_config``).
+
+Errors (missing, incomplete or corrupt checkpoint, forbidden override, weights that do not fit
+the config) exit with status 2 and one paragraph on stderr.
 
 Test: ``pytest tests/test_evaluate.py``.
 """
