@@ -136,6 +136,18 @@ def test_marker_without_manifest_is_accepted_with_a_warning(tmp_path, capsys):
     assert "without verifying" in capsys.readouterr().err
 
 
+def test_no_checkpoint_verifies_auto_and_resume_refuse_instead_of_starting_over(tmp_path, sudoku_dir):
+    from trm.config import load_config
+    from trm.train.__main__ import RunError, resolve_resume
+
+    corrupt(_fake_checkpoint(tmp_path / "run", 2) / "rank_0.pt", "flip")
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "run", sudoku_dir, TRAIN)
+    for mode in ("auto", "resume"):
+        with pytest.raises(RunError, match="rank_0.pt.*mode=new overwrite=true"):
+            resolve_resume(load_config(cfg, [f"mode={mode}"]))
+    assert (ckpt.step_dir(tmp_path / "run", 2) / "rank_0.pt").is_file()
+
+
 # --------------------------------------------------------------------------- item 2
 def test_mode_new_refuses_a_run_dir_with_a_previous_runs_files(tmp_path, sudoku_dir):
     run_dir = tmp_path / "run"

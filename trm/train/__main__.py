@@ -129,11 +129,15 @@ def resolve_resume(cfg: Config) -> Path | None:
         skipped: list[tuple[Path, str]] = []
         chosen = ckpt.find_latest_checkpoint(run_dir, on_skip=lambda path, why: skipped.append((path, why)))
         if skipped and cfg.mode == "resume":
-            newest, why = skipped[0]
-            fix = (f"resume from the newest good one with resume_from={chosen}" if chosen is not None
+            fix = (f"resume from the newest good one with resume_from={chosen} (or use mode=auto, which falls back "
+                   f"to it by itself)" if chosen is not None
                    else "no older checkpoint verifies either; start afresh with mode=new overwrite=true")
-            raise RunError(f"mode=resume: the newest checkpoint of {run_dir} is unusable: {why} To continue, {fix} "
-                           f"(or use mode=auto, which falls back to it by itself).")
+            raise RunError(f"mode=resume: the newest checkpoint of {run_dir} is unusable: {skipped[0][1]} "
+                           f"To continue, {fix}.")
+        if skipped and chosen is None:  # mode=auto: starting afresh would discard the run's files
+            raise RunError(f"mode=auto: none of the {len(committed)} checkpoints of {run_dir} verifies (newest: "
+                           f"{skipped[0][1]}) To start afresh, pass mode=new overwrite=true (the old files are moved "
+                           f"aside, not deleted).")
         for path, why in skipped:
             _report_skipped(path, why)
         if skipped:
@@ -141,16 +145,15 @@ def resolve_resume(cfg: Config) -> Path | None:
         if chosen is None:
             if cfg.mode == "auto":
                 return None
-            raise RunError(f"mode=resume but run_dir {run_dir} has no complete checkpoint to resume from"
-                           + (f" ({len(committed)} committed, none verifies)." if committed else "."))
+            raise RunError(f"mode=resume but run_dir {run_dir} has no complete checkpoint to resume from.")
     ckpt.check_resume_config(cfg, chosen)
     return chosen
 
 
-def _report_skipped_summary(chosen: Path | None) -> None:
+def _report_skipped_summary(chosen: Path) -> None:
     if os.environ.get("RANK", "0") == "0":
-        print(f"trm.train: WARNING: mode=auto is resuming from {chosen.name if chosen else 'nothing (a fresh start)'}, "
-              f"the newest checkpoint that verifies; the steps after it are trained again.", file=sys.stderr, flush=True)
+        print(f"trm.train: WARNING: mode=auto is resuming from {chosen.name}, the newest checkpoint that verifies; "
+              f"the steps after it are trained again.", file=sys.stderr, flush=True)
 
 
 def resume_command(argv: list[str]) -> str:
