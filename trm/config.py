@@ -540,6 +540,11 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return OmegaConf.to_object(merged)
 
 
+KEYS_NEWER_THAN_SAVED_CONFIGS: tuple[str, ...] = ("overwrite",)
+"""Keys added after configs were first saved with checkpoints; a saved config may lack them, and
+then they take their default, which is what trm did before they existed."""
+
+
 def _missing_keys(full: Any, written: Any, prefix: str = "") -> list[str]:
     """Dotted keys of ``full`` (a resolved config as plain data) absent from ``written``."""
     if isinstance(full, dict):
@@ -548,7 +553,8 @@ def _missing_keys(full: Any, written: Any, prefix: str = "") -> list[str]:
         missing = []
         for key, value in full.items():
             if key not in written:
-                missing.append(f"{prefix}{key}")
+                if f"{prefix}{key}" not in KEYS_NEWER_THAN_SAVED_CONFIGS:
+                    missing.append(f"{prefix}{key}")
             else:
                 missing += _missing_keys(value, written[key], f"{prefix}{key}.")
         return missing
