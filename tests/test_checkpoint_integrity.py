@@ -24,6 +24,14 @@ from trm.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """In-process runs set train.num_threads; later tests get this process's own count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 TRAIN = {"max_steps": 6, "checkpoint_interval": 2, "eval_interval": 0, "keep_last": 5, "num_threads": 2,
          "plots": False}
 EXTRA = "deepspeed:\n  zero_stage: 1\n"  # ZeRO-1: the optimizer has its own shard file
@@ -231,7 +239,10 @@ def test_saved_config_cut_short_is_an_error_not_defaults(tmp_path, sudoku_dir, t
     (tmp_path / "extra.yaml").write_text((ckpt.step_dir(trained_run, 6) / "config.yaml").read_text() + "surprise: 1\n")
     with pytest.raises(ConfigError, match="surprise"):
         load_saved_config(tmp_path / "extra.yaml")
+    saved = (ckpt.step_dir(trained_run, 6) / "config.yaml").read_text()
     assert load_saved_config(ckpt.step_dir(trained_run, 6) / "config.yaml").train.max_steps == 6
+    (tmp_path / "older.yaml").write_text("".join(l for l in saved.splitlines(keepends=True) if not l.startswith("overwrite:")))
+    assert load_saved_config(tmp_path / "older.yaml").overwrite is False, "a key newer than the saved config"
 
 
 # --------------------------------------------------------------------------- item 5
@@ -270,24 +281,22 @@ def test_dataset_of_another_shape_is_named_on_load(tmp_path, sudoku_dir, trained
 
 # --------------------------------------------------------------------------- the matrix
 @pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
-def test_corruption_matrix_auto_resumes_from_the_newest_good_checkpoint(tmp_path, sudoku_dir, trained_run, how):
+def test_corruption_matrix_auto_resumes_from_the_newest_good_checkpoint(tmp_path, sudoku_dir, trained_run, how, capfd):
     """Each of the five files of step_6, damaged three ways: mode=auto (in process) resumes from
     step_4 and ends with the uninterrupted run's state, bit for bit; nothing else is removed."""
     from trm.train.__main__ import main
 
     want = _state(ckpt.step_dir(trained_run, 6))
-    threads = torch.get_num_threads()
-    try:
-        for what, rel in FILES.items():
-            case = tmp_path / what.replace(" ", "_")
-            run_dir, cfg = _copy(trained_run, case, sudoku_dir)
-            (run_dir / "mine.txt").write_text("a user's file")
-            user_files = {p.relative_to(run_dir) for p in run_dir.rglob("*") if "checkpoints" not in p.parts}
-            corrupt(ckpt.step_dir(run_dir, 6) / rel, how)
-            assert main([str(cfg), "mode=auto"]) == 0, f"{how} {what}"
-            _assert_same(want, _state(ckpt.step_dir(run_dir, 6)), f"{how} {what}")
-            assert user_files <= {p.relative_to(run_dir) for p in run_dir.rglob("*")}, f"{how} {what}: a file was removed"
-            assert (run_dir / "checkpoints" / "step_6.corrupt").is_dir()
-            assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 4, 6]
-    finally:
-        torch.set_num_threads(threads)
+    for what, rel in FILES.items():
+        case = tmp_path / what.replace(" ", "_")
+        run_dir, cfg = _copy(trained_run, case, sudoku_dir)
+        (run_dir / "mine.txt").write_text("a user's file")
+        user_files = {p.relative_to(run_dir) for p in run_dir.rglob("*") if "checkpoints" not in p.parts}
+        corrupt(ckpt.step_dir(run_dir, 6) / rel, how)
+        assert main([str(cfg), "mode=auto"]) == 0, f"{how} {what}"
+        err = capfd.readouterr().err
+        assert "skipping checkpoint step_6" in err and rel in err and "resuming from step_4" in err, err[-2000:]
+        _assert_same(want, _state(ckpt.step_dir(run_dir, 6)), f"{how} {what}")
+        assert user_files <= {p.relative_to(run_dir) for p in run_dir.rglob("*")}, f"{how} {what}: a file was removed"
+        assert (run_dir / "checkpoints" / "step_6.corrupt").is_dir()
+        assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 4, 6]

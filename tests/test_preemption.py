@@ -22,6 +22,14 @@ from trm.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """In-process runs set train.num_threads; later tests get this process's own count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
 TRAIN = {"max_steps": 6, "checkpoint_interval": 4, "eval_interval": 0, "plots": False, "num_threads": 2}
 
 
@@ -106,26 +114,22 @@ def _signal_at(monkeypatch, step: int, *signals: int, gap_s: float = 0.0):
 def test_sigusr1_in_process_stop_then_resume_is_bit_identical(tmp_path, sudoku_dir, monkeypatch, capfd):
     from trm.train.__main__ import main
 
-    threads = torch.get_num_threads()
-    try:
-        train = {**TRAIN, "max_steps": 4, "checkpoint_interval": 3}
-        straight = write_config(tmp_path / "a.yaml", tmp_path / "a", sudoku_dir, train)
-        assert main([str(straight)]) == 0
+    train = {**TRAIN, "max_steps": 4, "checkpoint_interval": 3}
+    straight = write_config(tmp_path / "a.yaml", tmp_path / "a", sudoku_dir, train)
+    assert main([str(straight)]) == 0
 
-        cfg = write_config(tmp_path / "b.yaml", tmp_path / "b", sudoku_dir, train)
-        with monkeypatch.context() as patch:
-            _signal_at(patch, 2, signal.SIGUSR1)
-            assert main([str(cfg)]) == 128 + signal.SIGUSR1
-        err = capfd.readouterr().err
-        assert "SIGUSR1 received" in err and "stopped by SIGUSR1 at step 2" in err
-        assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2], "saved at the step reached, not at an interval"
-        ckpt.verify_checkpoint(ckpt.step_dir(tmp_path / "b", 2))
-        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "handlers are restored after the run"
+    cfg = write_config(tmp_path / "b.yaml", tmp_path / "b", sudoku_dir, train)
+    with monkeypatch.context() as patch:
+        _signal_at(patch, 2, signal.SIGUSR1)
+        assert main([str(cfg)]) == 128 + signal.SIGUSR1
+    err = capfd.readouterr().err
+    assert "SIGUSR1 received" in err and "stopped by SIGUSR1 at step 2" in err
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "b")] == [2], "saved at the step reached, not at an interval"
+    ckpt.verify_checkpoint(ckpt.step_dir(tmp_path / "b", 2))
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL, "handlers are restored after the run"
 
-        assert main([str(cfg), "mode=resume"]) == 0
-        _assert_same(_state(ckpt.step_dir(tmp_path / "a", 4)), _state(ckpt.step_dir(tmp_path / "b", 4)), "step_4")
-    finally:
-        torch.set_num_threads(threads)
+    assert main([str(cfg), "mode=resume"]) == 0
+    _assert_same(_state(ckpt.step_dir(tmp_path / "a", 4)), _state(ckpt.step_dir(tmp_path / "b", 4)), "step_4")
 
 
 def test_ctrl_c_saves_and_a_second_ctrl_c_aborts(tmp_path, sudoku_dir, monkeypatch, capfd):
