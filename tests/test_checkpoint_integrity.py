@@ -190,7 +190,7 @@ def test_atomic_write_replaces_whole_files_only(tmp_path):
 
 
 # --------------------------------------------------------------------------- item 3
-def test_corrupt_latest_checkpoint_resume_auto_evaluate(tmp_path, sudoku_dir, trained_run):
+def test_corrupt_latest_checkpoint_resume_and_evaluate_name_it(tmp_path, sudoku_dir, trained_run):
     run_dir, cfg = _copy(trained_run, tmp_path, sudoku_dir)
     corrupt(ckpt.step_dir(run_dir, 6) / "rank_0.pt", "truncate")
 
@@ -202,11 +202,7 @@ def test_corrupt_latest_checkpoint_resume_auto_evaluate(tmp_path, sudoku_dir, tr
     assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr
     assert "corrupt" in evaluated.stderr and "rank_0.pt" in evaluated.stderr and "does not fit" not in evaluated.stderr
 
-    auto = run_train(str(cfg), "mode=auto")
-    assert "skipping checkpoint step_6" in auto.stderr and "rank_0.pt" in auto.stderr and "resuming from step_4" in auto.stderr
-    ckpt.verify_checkpoint(ckpt.step_dir(run_dir, 6))
-    assert (run_dir / "checkpoints" / "step_6.corrupt" / "rank_0.pt").is_file(), "the corrupt one is set aside, not deleted"
-    _assert_same(_state(ckpt.step_dir(trained_run, 6)), _state(ckpt.step_dir(run_dir, 6)), "step_6")
+    # mode=auto (the fallback, its warnings and the bit-identical end) is the matrix below, in process
 
 
 def test_service_serves_the_older_good_checkpoint(tmp_path, sudoku_dir, trained_run, capsys):
@@ -298,5 +294,5 @@ def test_corruption_matrix_auto_resumes_from_the_newest_good_checkpoint(tmp_path
         assert "skipping checkpoint step_6" in err and rel in err and "resuming from step_4" in err, err[-2000:]
         _assert_same(want, _state(ckpt.step_dir(run_dir, 6)), f"{how} {what}")
         assert user_files <= {p.relative_to(run_dir) for p in run_dir.rglob("*")}, f"{how} {what}: a file was removed"
-        assert (run_dir / "checkpoints" / "step_6.corrupt").is_dir()
+        assert (run_dir / "checkpoints" / "step_6.corrupt").is_dir(), "the corrupt one is set aside, not deleted"
         assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 4, 6]

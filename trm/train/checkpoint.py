@@ -39,6 +39,7 @@ MANIFEST_FORMAT = 1
 READER_SUBDIRS = ("export", "universal")
 """Sub-folders that readers add to a committed checkpoint; outside the manifest."""
 CORRUPT_SUFFIX = ".corrupt"
+REPLACED_SUFFIX = ".replaced"
 
 
 class CheckpointError(RuntimeError):
@@ -126,14 +127,14 @@ def commit(path: Path, step: int) -> None:
     atomic_write_text(path / COMMIT_MARKER, json.dumps(marker, indent=1) + "\n")
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a (corrupt) checkpoint folder to ``step_N.corrupt[-k]`` instead of deleting it: it is
-    no longer listed, and whoever wants to inspect it still can. Returns the new name."""
-    target = path.with_name(path.name + CORRUPT_SUFFIX)
+def set_aside(path: Path, suffix: str = CORRUPT_SUFFIX) -> Path:
+    """Rename a checkpoint folder to ``step_N<suffix>[-k]`` instead of deleting it: it is no longer
+    listed, and whoever wants to inspect it still can. Returns the new name."""
+    target = path.with_name(path.name + suffix)
     k = 1
     while target.exists():
         k += 1
-        target = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{k}")
+        target = path.with_name(f"{path.name}{suffix}-{k}")
     os.replace(path, target)
     return target
 

@@ -394,10 +394,11 @@ class Trainer:
         path = ckpt.step_dir(self.run_dir, self.step)
         try:
             if self.world.is_main:
-                if path.exists() and ckpt.is_complete(path):  # one that failed verification (resume skipped it)
-                    aside = ckpt.set_aside(path)
-                    print(f"trm: warning: moved the corrupt checkpoint {path} to {aside} before saving this step again.",
-                          file=sys.stderr, flush=True)
+                if path.exists() and ckpt.is_complete(path):  # a corrupt one resume skipped, or a resume_from= past it
+                    corrupt = ckpt.checkpoint_problem(path) is not None
+                    aside = ckpt.set_aside(path, ckpt.CORRUPT_SUFFIX if corrupt else ckpt.REPLACED_SUFFIX)
+                    print(f"trm: warning: moved the {'corrupt ' if corrupt else ''}checkpoint {path} to {aside} before "
+                          f"saving this step again.", file=sys.stderr, flush=True)
                 elif path.exists():  # the leftover of a save that did not finish
                     shutil.rmtree(path)
                 path.mkdir(parents=True)
