@@ -12,20 +12,18 @@ Modes: ``mode=new`` (default; refuses a run_dir that has checkpoints), ``mode=re
 
 from __future__ import annotations
 
-import os
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trm import ops
-from trm.config import Config, ConfigError, load_config
-from trm.data.format import DatasetError
+from trm import cli, ops
+from trm.config import Config, ConfigError, describe_keys, load_config
 from trm.factories import build_dataset, build_model_for, build_trainer
-from trm.train.checkpoint import CheckpointError, find_latest_checkpoint, is_complete
+from trm.train.checkpoint import find_latest_checkpoint, is_complete
 from trm.train.distributed import init_world
-from trm.train.trainer import NonFiniteLossError
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
 
@@ -40,7 +38,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(__doc__)
+            print(__doc__ + "\nConfig keys (set in the YAML or as key=value):\n\n" + describe_keys())
             raise SystemExit(0)
         if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
             i += 1 if "=" in arg else 2
@@ -52,6 +50,9 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
             continue
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"Unknown option {arg!r}: the options are --config, --help and --version; "
+                              f"config keys are set as key=value. {USAGE}")
         elif "=" not in arg and config is None:
             config = arg
         else:
@@ -82,38 +83,45 @@ def resolve_resume(cfg: Config) -> Path | None:
     return chosen
 
 
-@record
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config_path, overrides = parse_args(argv)
-        cfg = load_config(config_path, overrides)
-        if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
-            from trm.serve import serve_config
+def _how_to_continue(argv: list[str]) -> str:
+    """The command that continues an interrupted run (mode=auto: from its latest complete checkpoint)."""
+    kept = [a for a in argv if not a.startswith(("mode=", "--local_rank", "--local-rank"))]
+    return (f"to continue the run from its latest complete checkpoint (or afresh if it has none yet): "
+            f"python -m trm.train {shlex.join(kept)} mode=auto")
 
-            return serve_config(cfg)
-        try:
-            ops.set_backend(cfg.kernels)
-        except (ValueError, RuntimeError) as err:
-            raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
-        resume_from = resolve_resume(cfg)
-        world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        dataset = build_dataset(cfg, world)
-        torch.manual_seed(cfg.seed)
-        model = build_model_for(cfg, dataset.model_dims, world)
-        torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
-        trainer = build_trainer(cfg, world, model, dataset, resume_from)
-        result = trainer.fit()
-    except (ConfigError, DatasetError, CheckpointError, RunError, NonFiniteLossError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"trm.train: error: {err}", file=sys.stderr)
-        return 2
+
+def _train(argv: list[str]) -> int:
+    config_path, overrides = parse_args(argv)
+    cfg = load_config(config_path, overrides)
+    if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
+        from trm.serve import serve_config
+
+        return serve_config(cfg)
+    cli.check_device(cfg.device)
+    try:
+        ops.set_backend(cfg.kernels)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
+    cli.ensure_writable_dir(cfg.run_dir, "run_dir")
+    resume_from = resolve_resume(cfg)
+    world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    dataset = build_dataset(cfg, world)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, dataset.model_dims, world)
+    torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
+    trainer = build_trainer(cfg, world, model, dataset, resume_from)
+    result = trainer.fit()
     if result and world.is_main:
         print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error explained on stderr, 130: interrupted)."""
+    return cli.run("trm.train", _train, argv, interrupted=_how_to_continue)
 
 
 if __name__ == "__main__":
