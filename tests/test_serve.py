@@ -87,8 +87,25 @@ class LiveServer:
 
 
 def random_sudoku() -> list[list[int]]:
-    """A fresh random 9x9 grid of 0-9 (validity is irrelevant to the service)."""
-    return RNG.integers(0, 10, size=(9, 9)).tolist()
+    """A fresh random 9x9 puzzle whose givens agree (the service refuses contradictory ones): a solved
+    grid with shuffled digits, rows within bands and columns within stacks, 35-75% of it blanked.
+    Whether the puzzle has a unique solution is irrelevant to the service."""
+    digits = RNG.permutation(9) + 1
+    rows = [3 * band + r for band in RNG.permutation(3) for r in RNG.permutation(3)]
+    cols = [3 * stack + c for stack in RNG.permutation(3) for c in RNG.permutation(3)]
+    solved = np.array([[digits[(3 * (r % 3) + r // 3 + c) % 9] for c in cols] for r in rows])
+    return np.where(RNG.random((9, 9)) < RNG.uniform(0.35, 0.75), 0, solved).tolist()
+
+
+def random_maze() -> list[str]:
+    """A fresh random 30x30 maze the service accepts: random walls, one start in row 0, one goal in
+    a later row, and that row, row 0 and column 0 open (so the goal is reachable)."""
+    cells = RNG.choice(list("# "), size=(30, 30))
+    goal_row = int(RNG.integers(1, 30))
+    cells[0, :] = cells[goal_row, :] = cells[:, 0] = " "
+    cells[0, RNG.integers(30)] = "S"
+    cells[goal_row, RNG.integers(30)] = "G"
+    return ["".join(row) for row in cells]
 
 
 def eval_grids(data_dir: Path, n: int = 8) -> tuple[list[list[list[int]]], np.ndarray]:
@@ -342,7 +359,7 @@ def test_task_codecs_round_trip_and_name_the_problem():
     tokens = TASKS["arc"].encode(colours, 900, "grid")
     assert TASKS["arc"].decode(tokens) == colours
     assert (tokens.reshape(30, 30)[:h, :w] >= 2).all() and (tokens.reshape(30, 30)[h:, w:] == 0).all()
-    maze = ["".join(RNG.choice(list("# SG"), size=30)) for _ in range(30)]
+    maze = random_maze()
     assert TASKS["maze"].decode(TASKS["maze"].encode(maze, 900, "grid")) == maze
     for task, grid, needle in (("arc", [[1, 2], [3]], "row 1"), ("arc", [[11]], "0-9"), ("maze", maze[:29], "29 rows"),
                                ("maze", [row.replace("#", "o") for row in maze], "cell")):
