@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -349,6 +350,48 @@ def test_early_exit_rows_leave_the_batch_without_changing_answers(served):
     np.testing.assert_array_equal(sol.steps, expected_steps)
     np.testing.assert_array_equal(sol.tokens, expected_tokens)
     assert (sol.halted == (sol.confidence > 0.5)).all()
+
+
+def test_contradictory_sudoku_givens_get_422_naming_the_cells(served):
+    """Two 5s in a row (and a 7 twice in a column, as one grid of a batch): 422 naming the cells, not
+    a 200 whose answer overwrites one of them; a consistent puzzle still gets its answer."""
+    row = random_sudoku()
+    row[2] = [5, 0, 0, 0, 0, 0, 0, 5, 0]
+    for r in range(9):
+        if r != 2:
+            row[r] = [0 if d == 5 else d for d in row[r]]
+    column = [[0] * 9 for _ in range(9)]
+    column[0][4] = column[8][4] = 7
+    with served.client(headers=AUTH) as c:
+        one = c.post("/v1/solve", json={"task": "sudoku", "grid": row})
+        as_text = c.post("/v1/solve", json={"task": "sudoku", "grid": "".join(str(d) for r in row for d in r)})
+        batch = c.post("/v1/solve", json={"task": "sudoku", "grids": [random_sudoku(), column]})
+        fine = c.post("/v1/solve", json={"task": "sudoku", "grid": random_sudoku()})
+    for reply in (one, as_text):
+        assert reply.status_code == 422, reply.text
+        message = reply.json()["error"]["message"]
+        assert "digit 5 twice in row 2: cells (2, 0), (2, 7)" in message and "no solution" in message, message
+    assert batch.status_code == 422
+    assert "grids[1]" in batch.json()["error"]["message"]
+    assert "digit 7 twice in column 4: cells (0, 4), (8, 4)" in batch.json()["error"]["message"]
+    assert fine.status_code == 200
+
+
+def test_maze_needs_one_start_one_goal_and_a_path_between_them():
+    maze = random_maze()
+    no_start = [r.replace("S", " ") for r in maze]
+    two_goals = [maze[0].replace(" ", "G", 1), *maze[1:]]  # row 0 is open but for the start
+    walled = [" " * 30] * 30
+    walled[0] = "S" + "#" * 29
+    walled[1] = "#" * 30
+    walled[29] = " " * 29 + "G"
+    cases = ((no_start, "exactly one start 'S'; it has none"), (two_goals, "exactly one goal 'G'; it has"),
+             (walled, "no path from the start 'S' at (0, 0) to the goal 'G' at (29, 29)"))
+    for grid, needle in cases:
+        with pytest.raises(RequestError, match=re.escape(needle)) as caught:
+            TASKS["maze"].encode(grid, 900, "grid")
+        assert caught.value.status == 422
+    TASKS["maze"].encode(maze, 900, "grid")
 
 
 def test_task_codecs_round_trip_and_name_the_problem():
