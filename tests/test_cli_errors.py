@@ -189,3 +189,17 @@ def test_config_errors_name_line_column_and_the_closest_key(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"Did you mean 'data.eval_max_examples'\?.*python -m trm.train --help"):
         load_config(None, ["run_dir=r", "train.max_steps=1", "data.path=d", "data.eval_max_exmples=3"])
+
+
+def test_launchers_report_their_own_checks_in_the_same_format(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("run_dir: runs/x\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(tmp_path / "no-python")}
+    missing_python = subprocess.run(["bash", str(REPO / "launch" / "single_node.sh"), str(cfg)], env=env,
+                                     capture_output=True, text=True, timeout=60)
+    no_rendezvous = subprocess.run(["bash", str(REPO / "launch" / "multi_node.sh"), str(cfg)], env=env,
+                                   capture_output=True, text=True, timeout=60)
+    assert missing_python.returncode == 2 and missing_python.stdout == ""
+    assert missing_python.stderr.startswith("single_node.sh: error: ") and "set PYTHON" in missing_python.stderr
+    assert no_rendezvous.returncode == 2 and no_rendezvous.stderr.count("error:") == 1
+    assert no_rendezvous.stderr.startswith("multi_node.sh: error: ") and "NODE_RANK is not set" in no_rendezvous.stderr
