@@ -176,8 +176,14 @@ def test_a_bug_gets_its_traceback_and_a_report_line_and_ctrl_c_says_how_to_conti
     assert "trm.train: interrupted (Ctrl+C)" in err
     assert "python -m trm.train configs/tiny.yaml train.lr=1e-3 mode=auto" in err
     code, err = _run_captured("trm.data", full_disk, [])
-    assert code == 2 and err.strip() == ("trm.data: error: /data/x.npy: No space left on device; the disk is full: "
-                                         "free some space or write elsewhere.")
+    assert err == ("trm.data: error: /data/x.npy: No space left on device; the disk is full: "
+                   "free some space or write elsewhere.\n") and code == 2
+    from tqdm import tqdm
+
+    with tqdm(total=3, file=io.StringIO()) as bar:  # an open progress bar: the error starts a new line
+        bar.update(1)
+        _, err = _run_captured("trm.data", full_disk, [])
+    assert err.startswith("\ntrm.data: error: /data/x.npy")
 
 
 def test_config_errors_name_line_column_and_the_closest_key(tmp_path):

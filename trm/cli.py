@@ -144,9 +144,16 @@ def print_error(prog: str, message: str) -> None:
     if not _is_main_rank():
         return
     text = "\n".join(line for line in message.strip().splitlines() if line.strip())
-    # an error must start a line of its own even when a progress bar left the cursor mid-line
     sys.stdout.flush()
-    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+    print(f"{_end_progress_line()}{prog}: error: {text}", file=sys.stderr, flush=True)
+
+
+def _end_progress_line() -> str:
+    """A newline when a progress bar is still open (its line has no end yet), so that an error
+    starts a line of its own; '' otherwise."""
+    tqdm = sys.modules.get("tqdm")
+    bars = getattr(getattr(tqdm, "tqdm", None), "_instances", ())
+    return "\n" if any(not getattr(bar, "disable", True) for bar in list(bars)) else ""
 
 
 def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
