@@ -104,7 +104,7 @@ def _is_expected(err: BaseException) -> bool:
 
 
 _OS_ERROR_HINTS = {
-    errno.EACCES: "you may not write there: pick a path you own, or fix its permissions",
+    errno.EACCES: "you lack the permission: pick a path you own, or fix its permissions",
     errno.EPERM: "the system does not allow this here: pick a path on an ordinary disk that you own",
     errno.ENOENT: "a folder on the way does not exist or cannot hold files (as under /proc): check the path",
     errno.ENOTDIR: "a part of the path is a file, not a folder: pick another path",
