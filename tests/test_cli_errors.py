@@ -83,6 +83,7 @@ def test_every_cli_turns_expected_failures_into_one_error_paragraph(tmp_path, ti
         "train unwritable": ("trm.train", [str(cfg), "run_dir=/sys"]),
         "train yaml": ("trm.train", [str(bad_yaml)]),
         "train help": ("trm.train", ["--help"]),
+        "train print-config": ("trm.train", [str(cfg), "model.hidden_size=48", "--print-config"]),
         "train version": ("trm.train", ["--version"]),
         "data /proc/x": ("trm.data", ["build", "sudoku", "--out", "/proc/x", "--train-puzzles", "2", "--aug", "0",
                                       "--test-puzzles", "1"]),
@@ -115,6 +116,8 @@ def test_every_cli_turns_expected_failures_into_one_error_paragraph(tmp_path, ti
     listed = {line.split(":")[0] for line in out.splitlines() if line and not line.startswith(" ")}
     for key in _schema_keys(Config):  # every key, list entries as key[i].field
         assert key.replace("curriculum.stages.", "curriculum.stages[i].") in listed, key
+    code, out, _ = results["train print-config"]
+    assert code == 0 and "  hidden_size: 48\n" in out and "  rope_theta: 10000.0\n" in out, out
     for name in ("train version", "serve version"):
         code, out, _ = results[name]
         assert code == 0 and out.startswith(f"{cases[name][0]} (trm ") and "torch" in out, out

@@ -8,6 +8,9 @@
 Modes: ``mode=new`` (default; refuses a run_dir that has checkpoints), ``mode=resume``
 (latest complete checkpoint, or ``resume_from=PATH``), ``mode=auto`` (resume if possible),
 ``mode=service`` (serve the run's newest checkpoint over HTTP and follow new ones; see ``trm.serve``).
+
+``--print-config`` prints the resolved config (schema defaults < CONFIG < overrides) and exits;
+``--version`` prints the versions of trm, torch and Python. Every key is listed below.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from trm import cli, ops
-from trm.config import Config, ConfigError, describe_keys, load_config
+from trm.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train.checkpoint import find_latest_checkpoint, is_complete
 from trm.train.distributed import init_world
@@ -51,7 +54,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            raise ConfigError(f"Unknown option {arg!r}: the options are --config, --help and --version; "
+            raise ConfigError(f"Unknown option {arg!r}: the options are --config, --print-config, --help and --version; "
                               f"config keys are set as key=value. {USAGE}")
         elif "=" not in arg and config is None:
             config = arg
@@ -91,8 +94,11 @@ def _how_to_continue(argv: list[str]) -> str:
 
 
 def _train(argv: list[str]) -> int:
-    config_path, overrides = parse_args(argv)
+    config_path, overrides = parse_args([a for a in argv if a != "--print-config"])
     cfg = load_config(config_path, overrides)
+    if "--print-config" in argv:
+        print(to_yaml(cfg), end="")
+        return 0
     if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
         from trm.serve import serve_config
 
