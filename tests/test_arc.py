@@ -390,7 +390,7 @@ def test_cli_builds_arc_prints_summary_and_rejects_bad_arguments(tmp_path: Path,
     for extra, says in bad:
         assert cli_main(["build", "arc1", "--out", str(tmp_path / "new"), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error:") and says in err and "Traceback" not in err, err
+        assert err.startswith("trm.data: error:") and says in err and "Traceback" not in err, err
     assert cli_main(["inspect", str(out)]) == 0 and "output grid side" in capsys.readouterr().out
 
 

@@ -19,8 +19,10 @@ key, a wrong type, a missing required value or an out-of-range choice raises
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -379,6 +381,25 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+KEYS_HELP = "`python -m trm.train --help` lists every key with its type, default and meaning."
+
+
+def did_you_mean(key: str) -> str:
+    """`` Did you mean 'x.y'?`` for the schema key closest to ``key`` ('' when none is close)."""
+    hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
+    return f" Did you mean '{hint[0]}'?" if hint else ""
+
+
+def is_schema_key(key: str) -> bool:
+    """Whether ``key`` (dotted, e.g. ``data.eval_max_examples``) is a key of the schema."""
+    return key in _schema_keys(Config)
+
+
+def unknown_key_error(key: str, source: str) -> ConfigError:
+    """The error for a key the schema does not have (with the closest key as a hint)."""
+    return ConfigError(f"Unknown config key '{key}' in {source}.{did_you_mean(key)} {KEYS_HELP}")
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf exception into one paragraph naming the key and the source."""
     key = getattr(err, "full_key", None) or "?"
@@ -390,13 +411,9 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
             # a key inside a list entry (e.g. a curriculum stage) comes without its prefix
             hint = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(owner)], n=1)
             where = f" (in a {owner.__name__} entry)"
-        else:
-            hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
-        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-        return ConfigError(
-            f"Unknown config key '{key}'{where} in {source}.{did_you_mean} "
-            f"The keys a run accepts are the fields of trm/config.py."
-        )
+            return ConfigError(f"Unknown config key '{key}'{where} in {source}."
+                               f"{f' Did you mean {hint[0]!r}?' if hint else ''} {KEYS_HELP}")
+        return unknown_key_error(key, source)
     if isinstance(err, MissingMandatoryValue):
         return ConfigError(
             f"Config key '{key}' is required but has no value (from {source}). "
@@ -405,7 +422,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(err, ValidationError):
         return ConfigError(
             f"Config key '{key}' in {source} has the wrong type: {msg}. "
-            f"See its field in trm/config.py for the expected type."
+            f"{KEYS_HELP}"
         )
     return ConfigError(f"Invalid config in {source} at '{key}': {msg}")
 
@@ -502,6 +519,22 @@ def _check_curriculum(cfg: DictConfig, source: str) -> None:
                 raise ConfigError(f"Config key '{key}.{name}' (from {source}) must be >= 1, got {stage[name]}.")
 
 
+def _yaml_problem(err: Exception, path: Path) -> str:
+    """What the YAML parser found wrong, at which line and column, and the line itself."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if context and context_mark is not None:
+        where += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    lines = path.read_text(errors="replace").splitlines()
+    if 0 <= mark.line < len(lines):
+        where += f". The line reads: {lines[mark.line].strip()!r}"
+    return where + ". Fix it there (YAML: `key: value`, two-space indentation, lists in [ ])."
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Merge schema defaults < YAML file < ``key=value`` overrides; validate; return a Config.
 
@@ -516,7 +549,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"Config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"Config file {path} is not valid YAML: {_yaml_problem(err, path)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(loaded).__name__}.")
         try:
@@ -588,6 +621,76 @@ def load_saved_config(path: str | Path, overrides: Sequence[str] = ()) -> Config
             f"missing keys with the values the run used."
         )
     return load_config(path, overrides) if overrides else cfg
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """{class name: {field name: docstring}} read from this file: the string under each field."""
+    tree = ast.parse(Path(__file__).read_text())
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                fields[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _section_of(hint: Any) -> tuple[type | None, bool, bool]:
+    """(dataclass a field holds, whether it is Optional, whether it is a list of them)."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    is_list = typing.get_origin(hint) in (list, List)
+    inner = typing.get_args(hint)[0] if is_list else hint
+    return (inner if dataclasses.is_dataclass(inner) else None), optional, is_list
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, List):
+        return f"list of {_type_name(args[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value == MISSING:
+        return "required"
+    if isinstance(value, list):
+        return f"default [{', '.join(map(str, value))}]"
+    return f"default {OmegaConf.to_yaml({'v': value}).strip()[3:]}"
+
+
+def describe_keys(schema: type = Config, prefix: str = "") -> str:
+    """Every config key with its type, default and docstring, generated from the dataclasses above
+    (what ``python -m trm.train --help`` prints)."""
+    docs = _field_docs()
+    hints = typing.get_type_hints(schema)
+    lines: list[str] = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        section, optional, is_list = _section_of(hints[f.name])
+        doc = docs.get(schema.__name__, {}).get(f.name, "")
+        if section is not None:
+            kind = (f"list of {section.__name__} entries, each with the keys {key}[i].*" if is_list
+                    else f"section{', null (off) unless set' if optional else ''}")
+            lines += [f"{key}: {kind}", f"    {doc}", ""]
+            lines.append(describe_keys(section, f"{key}[i]." if is_list else f"{key}."))
+            continue
+        choices = CHOICES.get(key)
+        allowed = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        lines += [f"{key}: {_type_name(hints[f.name])}, {_default_text(f)}{allowed}", f"    {doc}", ""]
+    return "\n".join(lines).rstrip("\n") + ("\n" if prefix else "")
 
 
 def to_yaml(cfg: Config) -> str:

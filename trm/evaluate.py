@@ -40,6 +40,7 @@ Test: ``pytest tests/test_evaluate.py``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -51,8 +52,8 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trm.config import ConfigError, load_config, load_saved_config, to_dict
-from trm.data.format import DatasetError
+from trm import cli
+from trm.config import ConfigError, did_you_mean, is_schema_key, load_config, load_saved_config, to_dict
 from trm.train import checkpoint as ckpt
 
 USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [config=PATH] [step=N|best] [out=PATH] [key=value ...]"
@@ -87,6 +88,9 @@ def parse_args(argv: list[str]) -> Request:
             raise SystemExit(0)
         if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
             continue
+        if arg.startswith("-"):
+            raise EvaluateError(f"Unknown option {arg!r}: the options are --help and --version; everything else is "
+                                f"config=, step=, out= or key=value. {USAGE}")
         name, eq, value = arg.partition("=")
         if not eq:
             if target is not None:
@@ -150,6 +154,11 @@ def resolve_checkpoint(target: Path, step: str | None) -> Path:
 def _check_overrides(overrides: list[str], checkpoint: Path) -> None:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
+        if not is_schema_key(key):
+            close = difflib.get_close_matches(key, [*EVAL_OVERRIDES, "config", "step", "out"], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else did_you_mean(key)
+            raise EvaluateError(f"Unknown key '{key}' on the command line.{hint} Keys an evaluation may set: "
+                                f"config=, step=, out= and {', '.join(EVAL_OVERRIDES)}.")
         if key not in EVAL_OVERRIDES:
             raise EvaluateError(
                 f"Override '{key}' would change the model or the training setup that checkpoint {checkpoint} was "
@@ -247,9 +256,10 @@ def evaluate(request: Request) -> dict[str, Any]:
         checkpoint = resolve_checkpoint(target, request.step)
         _check_overrides(request.overrides, checkpoint)
         cfg = load_saved_config(checkpoint / "config.yaml", request.overrides)
+    cli.check_device(cfg.device)
     try:
         ops.set_backend(cfg.kernels)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:
         raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
 
     world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
@@ -315,20 +325,19 @@ def evaluate(request: Request) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2: a request error, explained on stderr)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        result = evaluate(parse_args(argv))
-    except (EvaluateError, ConfigError, DatasetError, ckpt.CheckpointError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"trm.evaluate: error: {err}", file=sys.stderr)
-        return 2
+def _evaluate_command(argv: list[str]) -> int:
+    result = evaluate(parse_args(argv))
     if "out" in result:
         metrics = result["metrics"]
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         print(f"results written to {result['out']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a request error, explained on stderr; 130: interrupted)."""
+    return cli.run("trm.evaluate", _evaluate_command, argv,
+                   interrupted="nothing was written; run the same command again to evaluate")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@
 
 A new builder is one more ``build`` subcommand: a function that adds its arguments to a parser
 and sets ``run`` (see ``_add_sudoku_builder``). Every builder prints the dataset summary (counts,
-seq_len, vocab, difficulty histogram). Invalid arguments print one line ``error: ...`` and exit
-with status 2. Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py.
+seq_len, vocab, difficulty histogram). Invalid arguments, an unwritable ``--out`` and bad data
+print one paragraph ``trm.data: error: ...`` and exit with status 2 (``trm.cli``).
+Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_cli_errors.py.
 """
 
 from __future__ import annotations
@@ -20,22 +21,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
+from trm import cli
+from trm.cli import UsageError
 from trm.data import arc, maze
-from trm.data.format import DatasetError, SplitData, summarize_dataset
-from trm.data.sudoku import MAX_UNIQUE_BLANKS, PuzzleGenerationError, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
-
-
-class UsageError(Exception):
-    """An invalid command-line argument; printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage dump) and exit with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+from trm.data.format import SplitData, summarize_dataset
+from trm.data.sudoku import MAX_UNIQUE_BLANKS, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
 
 
 def _count(name: str, value: int | None) -> None:
@@ -56,6 +48,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its dataset files")
+    cli.ensure_writable_dir(out, "--out", create=False)
 
 
 def _details(split: SplitData) -> str:
@@ -271,10 +264,10 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The full command-line parser (``build <kind>``, ``import-sudoku-csv``, ``import-maze-csv``, ``inspect``)."""
-    parser = _Parser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser = cli.ArgumentParser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=cli.ArgumentParser)
     build = commands.add_parser("build", help="generate a dataset")
-    builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+    builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=cli.ArgumentParser)
     _add_sudoku_builder(builders)
     _add_maze_builder(builders)
     _add_arc_builder(builders, "arc1")
@@ -285,15 +278,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 invalid arguments or dataset)."""
-    try:
-        args = make_parser().parse_args(argv)
-        args.run(args)
-    except (UsageError, DatasetError, PuzzleGenerationError, maze.MazeGenerationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _data_command(argv: list[str]) -> int:
+    args = make_parser().parse_args(argv)
+    args.run(args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 invalid arguments or dataset, 130 interrupted)."""
+    return cli.run("trm.data", _data_command, argv,
+                   interrupted="the dataset at --out may be incomplete: run the same command again with --overwrite")
 
 
 if __name__ == "__main__":

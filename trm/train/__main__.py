@@ -13,6 +13,9 @@ run's newest checkpoint over HTTP and follow new ones; see ``trm.serve``).
 SIGTERM / SIGUSR1 (preemption) and Ctrl+C finish the current step, save a checkpoint and exit with
 128 + the signal's number (143, 138, 130) after printing the command that resumes; a second Ctrl+C
 aborts at once (exit 130).
+
+``--print-config`` prints the resolved config (schema defaults < CONFIG < overrides) and exits;
+``--version`` prints the versions of trm, torch and Python. Every key is listed below.
 """
 
 from __future__ import annotations
@@ -27,14 +30,11 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trm import ops
-from trm.config import Config, ConfigError, load_config
-from trm.data.format import DatasetError
+from trm import cli, ops
+from trm.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train import checkpoint as ckpt
-from trm.train.checkpoint import CheckpointError
 from trm.train.distributed import init_world
-from trm.train.trainer import NonFiniteLossError
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print(__doc__)
+            print(__doc__ + "\nConfig keys (set in the YAML or as key=value):\n\n" + describe_keys())
             raise SystemExit(0)
         if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
             i += 1 if "=" in arg else 2
@@ -61,6 +61,9 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
             continue
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"Unknown option {arg!r}: the options are --config, --print-config, --help and --version; "
+                              f"config keys are set as key=value. {USAGE}")
         elif "=" not in arg and config is None:
             config = arg
         else:
@@ -150,7 +153,7 @@ def resolve_resume(cfg: Config) -> Path | None:
     return chosen
 
 
-def _report_skipped_summary(chosen: Path) -> None:
+def _report_skipped_summary(chosen: Path | None) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"trm.train: WARNING: mode=auto is resuming from {chosen.name}, the newest checkpoint that verifies; "
               f"the steps after it are trained again.", file=sys.stderr, flush=True)
@@ -168,41 +171,38 @@ def resume_command(argv: list[str]) -> str:
     return f"{launcher} {shlex.join(args + ['mode=resume'])}"
 
 
-@record
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config_path, overrides = parse_args(argv)
-        cfg = load_config(config_path, overrides)
-        if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
-            from trm.serve import serve_config
+def _how_to_continue(argv: list[str]) -> str:
+    """After a second Ctrl+C (nothing saved since the last checkpoint): the command that continues."""
+    return (f"nothing was saved since the last checkpoint. Continue from it with: {resume_command(argv)} "
+            f"(or mode=auto, which also starts afresh when there is no checkpoint yet)")
 
-            return serve_config(cfg)
-        try:
-            ops.set_backend(cfg.kernels)
-        except (ValueError, RuntimeError) as err:
-            raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
-        resume_from = resolve_resume(cfg)
-        world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        dataset = build_dataset(cfg, world)
-        torch.manual_seed(cfg.seed)
-        model = build_model_for(cfg, dataset.model_dims, world)
-        torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
-        trainer = build_trainer(cfg, world, model, dataset, resume_from)
-        result = trainer.fit()
-    except (ConfigError, DatasetError, CheckpointError, RunError, NonFiniteLossError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"trm.train: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":
-            print("trm.train: error: interrupted (Ctrl+C); nothing was saved since the last checkpoint. Continue with "
-                  f"`{resume_command(argv)}` (mode=auto also starts afresh when there is no checkpoint yet).",
-                  file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+
+def _train(argv: list[str]) -> int:
+    config_path, overrides = parse_args([a for a in argv if a != "--print-config"])
+    cfg = load_config(config_path, overrides)
+    if "--print-config" in argv:
+        print(to_yaml(cfg), end="")
+        return 0
+    if cfg.mode == "service":  # serve the run's newest checkpoint and follow new ones (trm.serve)
+        from trm.serve import serve_config
+
+        return serve_config(cfg)
+    cli.check_device(cfg.device)
+    try:
+        ops.set_backend(cfg.kernels)
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
+    cli.ensure_writable_dir(cfg.run_dir, "run_dir")
+    resume_from = resolve_resume(cfg)
+    world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    dataset = build_dataset(cfg, world)
+    torch.manual_seed(cfg.seed)
+    model = build_model_for(cfg, dataset.model_dims, world)
+    torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
+    trainer = build_trainer(cfg, world, model, dataset, resume_from)
+    result = trainer.fit()
     if getattr(trainer, "stopped_by", None) is not None:
         if world.is_main:
             print(f"trm.train: stopped by {signal.Signals(trainer.stopped_by).name} at step {trainer.step}; checkpoint "
@@ -211,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     if result and world.is_main:
         print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
     return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error explained on stderr, 130: interrupted)."""
+    return cli.run("trm.train", _train, argv, interrupted=_how_to_continue)
 
 
 if __name__ == "__main__":
