@@ -27,6 +27,7 @@ Test: ``pytest tests/test_export_plot.py tests/test_serve.py -k export``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -293,7 +294,8 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu") ->
 
 
 def _export_command(argv: list[str]) -> int:
-    parser = cli.ArgumentParser(prog="python -m trm.export", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m trm.export", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run folder (its best checkpoint, else its latest) or a checkpoint "
                                        "folder such as runs/tiny/checkpoints/step_1000")
     parser.add_argument("--out", required=True, help="export folder to write: a new path or an empty folder")
