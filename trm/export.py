@@ -89,7 +89,8 @@ def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor
         raise ExportError(f"{path} is not a directory; pass a checkpoint folder such as <run_dir>/checkpoints/step_N.")
     if not ckpt.is_complete(path):
         raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
-                          f"(pick one listed by find_latest_checkpoint, e.g. <run_dir>/checkpoints/step_N).")
+                          f"(its save did not finish). Export the run folder instead (python -m trm.export RUN_DIR "
+                          f"--out DIR), which takes its best or latest complete checkpoint.")
     try:
         cfg = load_config(path / CONFIG_FILE)
         state = ckpt.load_torch(path / "trainer_state.pt")
