@@ -80,6 +80,13 @@ def _zero3_weights(path: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
 
 
+def _check_complete(path: Path) -> None:
+    if not ckpt.is_complete(path):
+        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
+                          f"(its save did not finish). Export the run folder instead (python -m trm.export RUN_DIR "
+                          f"--out DIR), which takes its best or latest complete checkpoint.")
+
+
 def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, full model state dict, export info) of a COMPLETE checkpoint folder."""
     from trm.train.trainer import CHECKPOINT_FORMAT
@@ -87,10 +94,7 @@ def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory; pass a checkpoint folder such as <run_dir>/checkpoints/step_N.")
-    if not ckpt.is_complete(path):
-        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
-                          f"(its save did not finish). Export the run folder instead (python -m trm.export RUN_DIR "
-                          f"--out DIR), which takes its best or latest complete checkpoint.")
+    _check_complete(path)
     try:
         cfg = load_config(path / CONFIG_FILE)
         state = ckpt.load_torch(path / "trainer_state.pt")
@@ -231,6 +235,7 @@ def choose_checkpoint(source: str | Path, step: str | None = None) -> tuple[Path
     if ckpt.STEP_DIR.match(source.name) or (source / "trainer_state.pt").exists():
         if step is not None:
             raise ExportError(f"--step applies to a run folder; {source} is already one checkpoint.")
+        _check_complete(source)
         return source, "the checkpoint given"
     found = ckpt.list_checkpoints(source)
     if not found:
