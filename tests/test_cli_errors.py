@@ -212,3 +212,17 @@ def test_launchers_report_their_own_checks_in_the_same_format(tmp_path):
     assert missing_python.stderr.startswith("single_node.sh: error: ") and "set PYTHON" in missing_python.stderr
     assert no_rendezvous.returncode == 2 and no_rendezvous.stderr.count("error:") == 1
     assert no_rendezvous.stderr.startswith("multi_node.sh: error: ") and "NODE_RANK is not set" in no_rendezvous.stderr
+
+
+def test_every_expected_error_class_exists_and_out_of_memory_says_what_to_lower():
+    """A renamed or moved error class would silently turn its clear message into a "bug" traceback."""
+    import importlib
+
+    for name in cli.EXPECTED_ERRORS:
+        module, _, cls = name.rpartition(".")
+        assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
+    def out_of_memory(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    code, err = _run_captured("trm.train", out_of_memory, [])
+    assert code == 2 and err.startswith("trm.train: error: the device ran out of memory") and "global_batch_size" in err

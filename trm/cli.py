@@ -169,6 +169,9 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] 
     try:
         status = main(args)
         return 0 if status is None else int(status)
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         if _is_main_rank():
             how = interrupted(args) if callable(interrupted) else interrupted

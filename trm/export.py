@@ -27,6 +27,7 @@ Test: ``pytest tests/test_export_plot.py tests/test_serve.py -k export``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -79,6 +80,13 @@ def _zero3_weights(path: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
 
 
+def _check_complete(path: Path) -> None:
+    if not ckpt.is_complete(path):
+        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
+                          f"(its save did not finish). Export the run folder instead (python -m trm.export RUN_DIR "
+                          f"--out DIR), which takes its best or latest complete checkpoint.")
+
+
 def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, full model state dict, export info) of a COMPLETE checkpoint folder."""
     from trm.train.trainer import CHECKPOINT_FORMAT
@@ -86,9 +94,7 @@ def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory; pass a checkpoint folder such as <run_dir>/checkpoints/step_N.")
-    if not ckpt.is_complete(path):
-        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
-                          f"(pick one listed by find_latest_checkpoint, e.g. <run_dir>/checkpoints/step_N).")
+    _check_complete(path)
     try:
         ckpt.verify_checkpoint(path)
         cfg = load_saved_config(path / CONFIG_FILE)
@@ -230,6 +236,7 @@ def choose_checkpoint(source: str | Path, step: str | None = None) -> tuple[Path
     if ckpt.STEP_DIR.match(source.name) or (source / "trainer_state.pt").exists():
         if step is not None:
             raise ExportError(f"--step applies to a run folder; {source} is already one checkpoint.")
+        _check_complete(source)
         return source, "the checkpoint given"
     found = ckpt.list_checkpoints(source)
     if not found:
@@ -294,7 +301,8 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu") ->
 
 
 def _export_command(argv: list[str]) -> int:
-    parser = cli.ArgumentParser(prog="python -m trm.export", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m trm.export", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run folder (its best checkpoint, else its latest) or a checkpoint "
                                        "folder such as runs/tiny/checkpoints/step_1000")
     parser.add_argument("--out", required=True, help="export folder to write: a new path or an empty folder")
