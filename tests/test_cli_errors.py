@@ -177,7 +177,7 @@ def test_a_bug_gets_its_traceback_and_a_report_line_and_ctrl_c_says_how_to_conti
                               interrupted=_how_to_continue)
     assert code == 130 and "Traceback" not in err
     assert "trm.train: interrupted (Ctrl+C)" in err
-    assert "python -m trm.train configs/tiny.yaml train.lr=1e-3 mode=auto" in err
+    assert "python -m trm.train configs/tiny.yaml train.lr=1e-3 mode=resume" in err and "mode=auto" in err
     code, err = _run_captured("trm.data", full_disk, [])
     assert err == ("trm.data: error: /data/x.npy: No space left on device; the disk is full: "
                    "free some space or write elsewhere.\n") and code == 2
