@@ -215,12 +215,16 @@ class TrainConfig:
     """Checkpoints kept besides the best one."""
     best_metric: str = "eval/exact_accuracy"
     """Metric that selects the best checkpoint (higher is better)."""
-    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2])
+    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
     """ARC datasets only: the k of the ``eval/arc/pass@k`` metrics reported by each evaluation
-    (voting over augmented versions; ``trm.eval.arc_eval``). The submission always has 2 attempts."""
-    arc_vote_accumulate: bool = False
+    (voting over augmented versions; ``trm.eval.arc_eval``; the reference's list). The submission
+    always has 2 attempts."""
+    arc_vote_accumulate: bool = True
     """ARC datasets only: keep the votes of earlier evaluations of this process (the reference's
-    behaviour) instead of starting each evaluation afresh. Votes are not saved in checkpoints."""
+    ``aggregated_voting``); false: each evaluation votes afresh. Votes are not saved in checkpoints."""
+    arc_abstain_empty: bool = False
+    """ARC datasets only: a prediction whose crop is empty casts no vote (false: the empty grid is
+    a candidate like any other, as in the reference)."""
     log_interval: int = 10
     """Write training metrics every this many steps."""
     progress_bar: bool = True
