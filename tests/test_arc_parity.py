@@ -40,10 +40,11 @@ def _task(rng: np.random.Generator, task_id: str, demos: int, tests: int, solved
 
 @pytest.fixture(scope="module")
 def arc_small(tmp_path_factory) -> Path:
-    """5 training + 3 test-set tasks with 1-4 demonstrations, 3 augmented versions each (seeded)."""
+    """5 training + 3 test-set tasks with 1-4 demonstrations, 3 augmented versions each (seeded);
+    the last test-set task has no known solution."""
     rng = np.random.default_rng(11)
     train = [_task(rng, f"train{i}", int(rng.integers(1, 5)), 1) for i in range(5)]
-    tests = [_task(rng, f"eval{i}", int(rng.integers(1, 5)), 1 + i % 2) for i in range(3)]
+    tests = [_task(rng, f"eval{i}", int(rng.integers(1, 5)), 1 + i % 2, solved=i < 2) for i in range(3)]
     out = tmp_path_factory.mktemp("arc_small") / "ds"
     arc.build_arc_dataset(out, train, tests, aug=3, seed=2)
     return out
@@ -205,7 +206,7 @@ class _Stop(Exception):
     pass
 
 
-def test_arc1_recipe_resolves_the_reference_step_count_before_its_first_step(arc_small: Path, tmp_path: Path, capsys) -> None:
+def test_arc1_recipe_resolves_the_reference_step_count_before_its_first_step(arc_small: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     from trm.config import load_config
     from trm.factories import build_dataset, build_model_for, build_trainer
     from trm.train.distributed import init_world
@@ -222,6 +223,16 @@ def test_arc1_recipe_resolves_the_reference_step_count_before_its_first_step(arc
     assert expected > 1000 and cfg.train.max_steps == expected
     assert cfg.train.eval_interval == cfg.train.checkpoint_interval == int(10000 * meta["total_groups"] * meta["mean_puzzle_examples"] / 8)
     assert f"train.max_steps {expected}" in capsys.readouterr().out
+    # an evaluation counts only labeled examples; the voter scores the tasks with solutions
+    from test_eval_arc import _fake_forward
+
+    labels = np.asarray(load_split(arc_small, "test").labels)
+    monkeypatch.setattr(trainer.model, "forward", _fake_forward(lambda t: t, np.random.default_rng(0)))
+    metrics = trainer.evaluate(submission_path=tmp_path / "submission.json")
+    assert metrics["eval/count"] == (labels != 0).any(axis=1).sum() < len(labels)
+    assert metrics["eval/exact_accuracy"] == 1.0 and metrics["eval/arc/pass@1"] == 1.0  # the fake model answers the labels
+    assert metrics["eval/arc/tasks_scored"] == 2 and "eval/arc/pass@1000" in metrics
+    monkeypatch.undo()
 
     def stop():
         raise _Stop
