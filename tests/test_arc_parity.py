@@ -50,6 +50,30 @@ def arc_small(tmp_path_factory) -> Path:
     return out
 
 
+# ---------------------------------------------------------------------------------------- translation
+
+
+def test_translation_plan_keeps_one_example_per_version_at_the_corner_and_fits_the_canvas() -> None:
+    """The reference's rule on a 2x28 pair (input) / 1x3 (output) and three 1x1 pairs."""
+    wide, small = (np.zeros((2, 28), np.uint8), np.zeros((1, 3), np.uint8)), (np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint8))
+    pairs = [wide, small, small, small]
+    rng = np.random.default_rng(4)
+    versions = [(int(t), np.arange(10, dtype=np.uint8)) for t in rng.integers(0, 8, 400)]
+    unshifted, offsets = arc.translation_plan("task", versions, pairs, seed=9)
+    assert offsets.shape == (400, 4, 2) and (offsets[np.arange(400), unshifted] == 0).all()
+    swapped = np.array([t in (1, 3, 6, 7) for t, _ in versions])
+    # the 2x28 grid (28x2 after a transposing transform) always fits, and can move along its short side
+    rows, cols = offsets[:, 0, 0], offsets[:, 0, 1]
+    assert (np.where(swapped, rows <= 2, rows <= 28)).all() and (np.where(swapped, cols <= 28, cols <= 2)).all()
+    assert rows[swapped].max() == 2 and cols[~swapped].max() == 2 and rows[~swapped].max() == 28
+    # 1x1 grids: 900 offsets, so a shifted example lands on (0, 0) only by rare chance
+    at_corner = (offsets == 0).all(axis=2).sum(axis=1)
+    assert (at_corner >= 1).all() and (at_corner == 1).mean() > 0.95
+    assert set(unshifted.tolist()) == {0, 1, 2, 3}  # the exempt example is drawn, not fixed
+    again = arc.translation_plan("task", versions, pairs, seed=9)
+    assert np.array_equal(again[1], offsets) and not np.array_equal(arc.translation_plan("task", versions, pairs, seed=10)[1], offsets)
+
+
 # ---------------------------------------------------------------------------------------- sampling
 
 
