@@ -189,15 +189,15 @@ def _trainer(cfg_path: Path, resume_from: Path | None = None):
 
 
 def test_resume_after_a_crash_is_bit_identical_with_whole_puzzle_sampling(tmp_path: Path, sudoku_dir: Path) -> None:
-    """6 steps straight == 2 steps, a crash right after checkpoint 2, a fresh trainer resuming to 6
+    """6 steps straight == 3 steps, a crash right after checkpoint 3, a fresh trainer resuming to 6
     (in process; tests/test_train.py kills a real process for the checkpoint side of this)."""
     from test_train import _assert_identical, _checkpoint_state, _metrics
 
     data = _regrouped_sudoku(sudoku_dir, tmp_path / "grouped")
-    train = {"max_steps": 6, "checkpoint_interval": 2, "eval_interval": 0}
+    train = {"max_steps": 6, "checkpoint_interval": 3, "eval_interval": 0}
     straight_dir, crashed_dir = tmp_path / "straight", tmp_path / "crashed"
     for name, run_dir in (("a", straight_dir), ("b", crashed_dir)):
-        cfg = write_config(tmp_path / f"{name}.yaml", run_dir, data, train)
+        cfg = write_config(tmp_path / f"{name}.yaml", run_dir, data, train, {"halt_max_steps": 2})  # slots refill every 2 steps
         loaded = yaml.safe_load(cfg.read_text())
         loaded["data"]["sample_unit"] = "puzzle"
         cfg.write_text(yaml.safe_dump(loaded))
@@ -207,7 +207,7 @@ def test_resume_after_a_crash_is_bit_identical_with_whole_puzzle_sampling(tmp_pa
 
     def save_then_crash():
         path = save()
-        if crashing.step == 2:
+        if crashing.step == 3:
             raise _Crash
         return path
 
@@ -215,9 +215,10 @@ def test_resume_after_a_crash_is_bit_identical_with_whole_puzzle_sampling(tmp_pa
     with pytest.raises(_Crash):
         crashing.fit()
     crashing.metrics.close()
-    assert ckpt.find_latest_checkpoint(crashed_dir).name == "step_2"
-    assert 0 < crashing.stream_position < 2 * 8  # mid-stream: the resumed run continues inside the draws
-    _trainer(tmp_path / "b.yaml", ckpt.step_dir(crashed_dir, 2)).fit()
+    assert ckpt.find_latest_checkpoint(crashed_dir).name == "step_3"
+    resumed = _trainer(tmp_path / "b.yaml", ckpt.step_dir(crashed_dir, 3))
+    resumed.fit()
+    assert resumed.stream_position > crashing.stream_position >= 8  # the resumed run read on from the saved position
     _assert_identical(_checkpoint_state(ckpt.step_dir(straight_dir, 6)), _checkpoint_state(ckpt.step_dir(crashed_dir, 6)), "final checkpoint")
     assert _metrics(straight_dir) == _metrics(crashed_dir)
     assert "sample_unit: puzzle" in (straight_dir / "config.yaml").read_text()
