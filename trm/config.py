@@ -151,6 +151,10 @@ class DataConfig:
     """Build the dataset at ``path`` first if it is missing (tiny recipes use this)."""
     augment: str = "none"
     """On-the-fly augmentation of training samples: none | sudoku."""
+    sample_unit: str = "example"
+    """What one draw of a group puts into the training stream: example (one example of a random
+    puzzle of the group) | puzzle (ALL examples of a random puzzle, adjacent, in random order: the
+    reference's sampler; the published recipes use it). See ``trm.data.stream``."""
     eval_split: str = "test"
     """Split used for periodic evaluation."""
     eval_max_examples: Optional[int] = None
@@ -163,8 +167,20 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = MISSING
-    """Optimizer steps (= supervision steps over all slots) to train for."""
+    max_steps: Optional[int] = None
+    """Optimizer steps (= supervision steps over all slots) to train for. Give this or ``epochs``;
+    when both are given, max_steps wins (so ``train.max_steps=N`` shortens any recipe)."""
+    epochs: Optional[int] = None
+    """Train this many epochs, the reference's unit: max_steps = int(epochs * total_groups *
+    mean_puzzle_examples / global_batch_size) with the train split's dataset.json (the reference's
+    formula), derived when the dataset is loaded, printed at the start and written to
+    <run_dir>/config.yaml. Used only when max_steps is not given."""
+    eval_interval_epochs: Optional[int] = None
+    """With ``epochs``: evaluate every this many epochs (eval_interval derived like max_steps);
+    None: eval_interval (steps) applies."""
+    checkpoint_interval_epochs: Optional[int] = None
+    """With ``epochs``: checkpoint every this many epochs (checkpoint_interval derived like
+    max_steps); None: checkpoint_interval (steps) applies."""
     global_batch_size: int = 768
     """Slots summed over all ranks; the loss is normalised by this number."""
     eval_batch_size: Optional[int] = None
@@ -201,12 +217,16 @@ class TrainConfig:
     """Checkpoints kept besides the best one."""
     best_metric: str = "eval/exact_accuracy"
     """Metric that selects the best checkpoint (higher is better)."""
-    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2])
+    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
     """ARC datasets only: the k of the ``eval/arc/pass@k`` metrics reported by each evaluation
-    (voting over augmented versions; ``trm.eval.arc_eval``). The submission always has 2 attempts."""
-    arc_vote_accumulate: bool = False
+    (voting over augmented versions; ``trm.eval.arc_eval``; the reference's list). The submission
+    always has 2 attempts."""
+    arc_vote_accumulate: bool = True
     """ARC datasets only: keep the votes of earlier evaluations of this process (the reference's
-    behaviour) instead of starting each evaluation afresh. Votes are not saved in checkpoints."""
+    ``aggregated_voting``); false: each evaluation votes afresh. Votes are not saved in checkpoints."""
+    arc_abstain_empty: bool = False
+    """ARC datasets only: a prediction whose crop is empty casts no vote (false: the empty grid is
+    a candidate like any other, as in the reference)."""
     log_interval: int = 10
     """Write training metrics every this many steps."""
     progress_bar: bool = True
@@ -346,6 +366,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.forward_dtype": ("bfloat16", "float16", "float32"),
     "model.loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),
     "data.augment": ("none", "sudoku", "maze"),
+    "data.sample_unit": ("example", "puzzle"),
     "data.build.kind": ("sudoku", "maze", "arc1", "arc2"),
     "data.rag.index": ("exact", "faiss"),
     "curriculum.difficulty": ("changed_cells", "answer_cells", "stored"),
@@ -359,7 +380,7 @@ POSITIVE: tuple[str, ...] = (
     "serve.max_body_bytes",
 )
 NON_NEGATIVE: tuple[str, ...] = (
-    "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
+    "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs", "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
     "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.weight_decay",
     "train.puzzle_emb_lr", "train.puzzle_emb_weight_decay", "deepspeed.gradient_clipping",
 )
@@ -472,6 +493,11 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             f"train.compile=true cannot be combined with deepspeed.zero_stage=3 (from {source}): ZeRO-3 "
             f"gathers each parameter in hooks that torch.compile cannot trace. Use zero_stage 0-2 with "
             f"compile, or set train.compile=false."
+        )
+    if cfg.train.max_steps is None and not cfg.train.epochs:
+        raise ConfigError(
+            f"Neither train.max_steps nor train.epochs is set (from {source}): give the run's length in optimizer "
+            f"steps (train.max_steps=N) or in epochs of the training data (train.epochs=N, the reference's unit)."
         )
     ks = list(cfg.train.arc_pass_ks)
     if not ks or min(ks) < 1:

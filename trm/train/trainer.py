@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trm.config import Config, to_yaml
+from trm.config import Config, ConfigError, to_yaml
 from trm.data.curriculum import CurriculumSchedule
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.model import ACTCarry, act_loss
@@ -62,6 +62,36 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def epoch_steps(epochs: int, total_groups: int, mean_puzzle_examples: float, global_batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` epochs, the reference's formula (``pretrain.py``):
+    ``int(epochs * total_groups * mean_puzzle_examples / global_batch_size)``."""
+    return int(epochs * total_groups * mean_puzzle_examples / global_batch_size)
+
+
+def resolve_epoch_schedule(cfg: Config, dataset: Any) -> str | None:
+    """Turn ``train.epochs`` (and the ``*_interval_epochs``) into steps with the train split's
+    dataset.json, in place, unless ``train.max_steps`` is given; returns the line to print."""
+    tc = cfg.train
+    if tc.max_steps is not None:
+        if tc.epochs:
+            return f"trm: train.max_steps={tc.max_steps} is given, so train.epochs={tc.epochs} and the intervals in epochs are not used"
+        return None
+    meta = getattr(dataset, "base", dataset).train.metadata
+    groups, mean, batch = meta.total_groups, meta.mean_puzzle_examples, tc.global_batch_size
+    tc.max_steps = epoch_steps(tc.epochs, groups, mean, batch)
+    if tc.max_steps < 1:
+        raise ConfigError(
+            f"train.epochs={tc.epochs} of {cfg.data.path} ({groups} groups x {mean:.4f} examples per puzzle) is less than "
+            f"one batch of {batch}: raise train.epochs or give train.max_steps."
+        )
+    if tc.eval_interval_epochs is not None:
+        tc.eval_interval = max(1, epoch_steps(tc.eval_interval_epochs, groups, mean, batch)) if tc.eval_interval_epochs else 0
+    if tc.checkpoint_interval_epochs is not None:
+        tc.checkpoint_interval = max(1, epoch_steps(tc.checkpoint_interval_epochs, groups, mean, batch)) if tc.checkpoint_interval_epochs else 0
+    return (f"trm: {tc.epochs} epochs x {groups} groups x {mean:.4f} mean examples per puzzle / batch {batch} = "
+            f"train.max_steps {tc.max_steps}; eval_interval {tc.eval_interval} steps, checkpoint_interval {tc.checkpoint_interval} steps")
 
 
 UNIVERSAL_TAG = "universal"
@@ -125,6 +155,9 @@ class Trainer:
                 f"number of processes ({world.size})."
             )
         self.cfg, self.world, self.dataset = cfg, world, dataset
+        schedule_line = resolve_epoch_schedule(cfg, dataset)
+        if schedule_line and world.is_main:
+            print(schedule_line, flush=True)
         self.run_dir = Path(cfg.run_dir)
         self.local_batch = cfg.train.global_batch_size // world.size
         model = model.to(world.device)
@@ -367,6 +400,7 @@ class Trainer:
         """Add one batch's counts to ``sums``; return the model outputs of the last step."""
         labels = batch["labels"]
         mask = labels != -100
+        valid = valid & mask.any(-1)  # an example without labels (unknown test output) is not counted, as in the reference
         counts = mask.sum(-1).clamp_min(1)
         carry = self.model.initial_carry(batch)
         stopped = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
