@@ -33,7 +33,7 @@ import torch
 from trm.export import is_export_dir
 from trm.serve import ServeError
 from trm.serve.solver import ServedModel
-from trm.train.checkpoint import checkpoint_problem, is_complete, list_checkpoints
+from trm.train.checkpoint import COMMIT_MARKER, checkpoint_problem, is_complete, list_checkpoints
 
 EXPORT_SUBDIR = "export"
 MAX_EXPORT_ATTEMPTS = 3
@@ -118,7 +118,7 @@ class ModelSlot:
             if newer_than is not None and step <= newer_than:
                 return None
             try:
-                marker_mtime = (path / "COMPLETE").stat().st_mtime_ns
+                marker_mtime = (path / COMMIT_MARKER).stat().st_mtime_ns
             except OSError:  # pruned meanwhile
                 continue
             if self._corrupt.get(path) == marker_mtime:
