@@ -25,6 +25,7 @@ from trm.data.format import DatasetError
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train.checkpoint import CheckpointError, find_latest_checkpoint, is_complete
 from trm.train.distributed import init_world
+from trm.train.shared_storage import check_shared_run_dir
 from trm.train.trainer import NonFiniteLossError
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
@@ -96,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             ops.set_backend(cfg.kernels)
         except (ValueError, RuntimeError) as err:
             raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
-        resume_from = resolve_resume(cfg)
         world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
+        check_shared_run_dir(cfg.run_dir, world)  # before any rank reads checkpoints: all ranks see one run_dir
+        resume_from = resolve_resume(cfg)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
