@@ -108,6 +108,10 @@ else
 fi
 if is_positive_int "${MAX_RESTARTS:-0}"; then
   node_options+=(--max_restarts="$MAX_RESTARTS")
+  # torchrun's workers share the rendezvous store by default, and its address is published once, in
+  # the first round: a node that dies and is started again waits for it in the next round forever
+  # (and the others with it). Unshared, every round publishes a fresh store of the workers.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 elif [[ "${MAX_RESTARTS:-0}" != 0 ]]; then
   die 2 "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
 fi

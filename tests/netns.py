@@ -49,7 +49,8 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def _namespaces() -> list[str]:
+def namespaces() -> list[str]:
+    """The namespaces of this module that exist now."""
     listing = _ip("netns", "list").stdout.split()
     return [name for name in listing if name.startswith(PREFIX + "-")]
 
@@ -65,7 +66,7 @@ def kill_namespace_processes(namespace: str) -> list[int]:
 
 def remove_all() -> None:
     """Delete every namespace and hosts file of this module (also those of a crashed run)."""
-    for name in _namespaces():
+    for name in namespaces():
         kill_namespace_processes(name)
         _ip("netns", "delete", name, check=False)
     for leftover in NETNS_ETC.glob(PREFIX + "-*") if NETNS_ETC.is_dir() else ():

@@ -31,7 +31,6 @@ from conftest import REPO, run_train, write_config
 from trm.train import checkpoint as ckpt
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.netns,
     pytest.mark.skipif(netns.usable() is not None, reason=f"no network namespaces here: {netns.usable()}"),
 ]
@@ -123,6 +122,36 @@ def _assert_losses_follow(run_dir: Path, reference: Path, steps: range) -> None:
         assert got[step] == pytest.approx(want[step], rel=1e-4), f"step {step}: {got[step]} vs one process {want[step]}"
 
 
+def test_hosts_reach_each_other_and_nothing_else(tmp_path):
+    """The harness itself: a leftover of a crashed run is removed first; host 1 reaches host 2's
+    address over the bridge, under its own hostname; names resolve per host; there is no route
+    off the subnet; a private directory is empty on its host only; nothing is left afterwards."""
+    subprocess.run(["ip", "netns", "add", f"{netns.PREFIX}-h9"], check=True)  # as if a run had crashed
+    (tmp_path / "seen_by_all").write_text("x")
+    server_code = ("import socket, sys; s = socket.socket(); s.bind(('10.231.7.2', 29501)); s.listen(); "
+                   "c, peer = s.accept(); print(peer[0], c.recv(64).decode())")
+    client_code = ("import socket, time\nfor _ in range(100):\n    try:\n"
+                   "        c = socket.create_connection(('trm-h2', 29501), timeout=5); break\n"
+                   "    except OSError:\n        time.sleep(0.05)\n"
+                   "c.sendall(socket.gethostname().encode())")
+    with netns.HostNetwork(2) as net:
+        assert set(netns.namespaces()) == {net.switch, "trmh-h1", "trmh-h2"}, "the leftover trmh-h9 is gone"
+        h1, h2 = net.hosts
+        server = subprocess.Popen(h2.command([sys.executable, "-c", server_code]), stdout=subprocess.PIPE, text=True)
+        subprocess.run(h1.command([sys.executable, "-c", client_code]), check=True, timeout=60)
+        assert server.communicate(timeout=60)[0].split() == ["10.231.7.1", "trm-h1"]
+        lookups = subprocess.run(h1.command(["getent", "hosts", "trm-h1", "trm-h2"]), capture_output=True, text=True)
+        assert lookups.stdout.split() == ["127.0.1.1", "trm-h1", "10.231.7.2", "trm-h2"]
+        off_subnet = subprocess.run(["ip", "-n", h1.namespace, "route", "get", "1.1.1.1"], capture_output=True, text=True)
+        assert off_subnet.returncode != 0 and "unreachable" in off_subnet.stderr
+        listing = [h.command(["ls", "-A", str(tmp_path)], private_dirs=(tmp_path,) if h is h2 else ()) for h in net.hosts]
+        assert [subprocess.run(argv, capture_output=True, text=True).stdout.split() for argv in listing] == [
+            ["seen_by_all"], []]
+    assert not netns.namespaces()
+    assert not list(netns.NETNS_ETC.glob(netns.PREFIX + "-*"))
+    assert (tmp_path / "seen_by_all").exists(), "the private directory hid the shared one, it did not replace it"
+
+
 @pytest.fixture(scope="module")
 def network():
     """Two hosts on one bridge for the whole module; removed at the end even after a failure."""
@@ -132,11 +161,11 @@ def network():
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_processes(network):
+def _no_leftover_processes():
     """Whatever a test leaves running on the hosts is killed before the next one."""
     yield
-    for host in network.hosts:
-        host.kill_all()
+    for namespace in netns.namespaces():
+        netns.kill_namespace_processes(namespace)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +199,7 @@ def two_host_run(network, tmp_path_factory, sudoku_dir) -> tuple[Path, dict[str,
     return root / "run", step_6, logs
 
 
+@pytest.mark.slow
 def test_multi_node_two_hosts_train_checkpoint_resume(network, two_host_run, reference_run):
     run_dir, _, logs = two_host_run
     for log in logs:
@@ -184,6 +214,7 @@ def test_multi_node_two_hosts_train_checkpoint_resume(network, two_host_run, ref
     assert _series(run_dir, "train/stream_position") == _series(reference_run, "train/stream_position")
 
 
+@pytest.mark.slow
 def test_deepspeed_hostfile_two_hosts(network, tmp_path, sudoku_dir, reference_run):
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", run_dir, sudoku_dir, {**TRAIN, "max_steps": 4})
@@ -225,6 +256,7 @@ exit $status
 """
 
 
+@pytest.mark.slow
 def test_slurm_allocation_two_hosts(network, tmp_path, sudoku_dir, reference_run):
     """sbatch's view of a 2-node job: slurm.sbatch on the first host, srun (a stand-in that needs no
     controller) starts launch/multi_node.sh once per host with the task variables. The rendezvous
@@ -263,6 +295,7 @@ def _wait_until(predicate, launches: list[Launch], what: str, timeout: float = L
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_second_host_dies_and_comes_back(network, tmp_path, sudoku_dir, two_host_run):
     """Host 2's processes are killed right after the checkpoint of step 2; host 1's torchrun
     (MAX_RESTARTS=2) restarts its worker and waits in the rendezvous until host 2 runs its launch
@@ -289,6 +322,7 @@ def test_second_host_dies_and_comes_back(network, tmp_path, sudoku_dir, two_host
     assert latest_at_kill in ("step_2", "step_4")
 
 
+@pytest.mark.slow
 def test_run_dir_not_shared_is_a_clear_error(network, tmp_path, sudoku_dir):
     """Host 2 sees an empty directory of its own at run_dir (a node-local disk): the job stops at
     the start with one error naming the host, and no checkpoint is written."""
