@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -176,11 +175,11 @@ def reference_run(tmp_path_factory, sudoku_dir) -> Path:
     return root / "run"
 
 
-def _multi_node(network: netns.HostNetwork, cfg: Path, logs: Path, *overrides: str, master: str | None = None,
+def _multi_node(network: netns.HostNetwork, cfg: Path, logs: Path, *overrides: str,
                 private_on_second: tuple[Path, ...] = (), **variables: str) -> list[Launch]:
-    master = master or network.hosts[0].address
+    """launch/multi_node.sh on every host, rendezvous at host 1's bridge address."""
     return [Launch(host, ["bash", str(LAUNCH / "multi_node.sh"), str(cfg), "device=cpu", *overrides],
-                   _env(MASTER_ADDR=master, MASTER_PORT=PORT, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
+                   _env(MASTER_ADDR=network.hosts[0].address, MASTER_PORT=PORT, NNODES="2", NODE_RANK=str(rank), NPROC_PER_NODE="1",
                         RDZV_ID=logs.name, **variables),
                    logs / f"{host.hostname}.log", private_on_second if rank == 1 else ())
             for rank, host in enumerate(network.hosts)]
