@@ -92,6 +92,8 @@ fi
 [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && ((NODE_RANK < ${NNODES##*:})) ||
   die 2 "NODE_RANK must be an integer in 0..$((${NNODES##*:} - 1)) (NNODES=$NNODES), got '$NODE_RANK'"
 is_positive_int "$NPROC_PER_NODE" || die 2 "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die 2 "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
 
 if [[ "${NNODES##*:}" != 1 ]]; then
   choose_gloo_interface "$MASTER_ADDR"
@@ -106,14 +108,12 @@ if ((NODE_RANK == 0)); then
 else
   node_options=(--rdzv_conf=is_host=0)
 fi
-if is_positive_int "${MAX_RESTARTS:-0}"; then
+if ((10#$MAX_RESTARTS > 0)); then
   node_options+=(--max_restarts="$MAX_RESTARTS")
-  # torchrun's workers share the rendezvous store by default, and its address is published once, in
-  # the first round: a node that dies and is started again waits for it in the next round forever
-  # (and the others with it). Unshared, every round publishes a fresh store of the workers.
+  # By default torchrun's workers share one store whose address is published in the first rendezvous
+  # round only: a node that dies and is started again waits for it in the next round forever (and
+  # the others with it). Unshared, every round publishes a fresh store for the workers.
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-elif [[ "${MAX_RESTARTS:-0}" != 0 ]]; then
-  die 2 "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
 fi
 
 run_command "$PYTHON" -m torch.distributed.run --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
