@@ -35,6 +35,7 @@ from trm.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train import checkpoint as ckpt
 from trm.train.distributed import init_world
+from trm.train.shared_storage import check_shared_run_dir
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
 
@@ -193,8 +194,9 @@ def _train(argv: list[str]) -> int:
     except (ValueError, RuntimeError) as err:
         raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
     cli.ensure_writable_dir(cfg.run_dir, "run_dir")
-    resume_from = resolve_resume(cfg)
     world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
+    check_shared_run_dir(cfg.run_dir, world)  # before any rank reads checkpoints: all ranks see one run_dir
+    resume_from = resolve_resume(cfg)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     dataset = build_dataset(cfg, world)

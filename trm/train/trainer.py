@@ -41,6 +41,7 @@ from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, gra
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
 from trm.train.puzzle_table import ShardedPuzzleTable
 from trm.train.schedule import lr_at
+from trm.train.shared_storage import HOW_TO_FIX, missing_rank_files
 
 
 
@@ -447,6 +448,10 @@ class Trainer:
                 ckpt.atomic_write_text(path / "config.yaml", to_yaml(self.cfg))
             barrier(60 * self.cfg.train.save_timeout_minutes, f"the end of saving {path}")
             if self.world.is_main:
+                missing = missing_rank_files(path, self.world.size)
+                if missing:  # the other ranks wrote them elsewhere: run_dir is not one directory for all
+                    raise ckpt.CheckpointError(f"Checkpoint {path} lacks {', '.join(missing)} after every rank saved; "
+                                               f"it is not committed. {HOW_TO_FIX}")
                 ckpt.commit(path, self.step)
                 ckpt.prune(self.run_dir, self.cfg.train.keep_last, self.best_step, self.step)
             barrier()
