@@ -599,9 +599,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return OmegaConf.to_object(merged)
 
 
-KEYS_NEWER_THAN_SAVED_CONFIGS: tuple[str, ...] = ("overwrite",)
+KEYS_NEWER_THAN_SAVED_CONFIGS: tuple[str, ...] = (
+    "overwrite", "data.sample_unit", "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs",
+    "train.arc_abstain_empty",
+)
 """Keys added after configs were first saved with checkpoints; a saved config may lack them, and
-then they take their default, which is what trm did before they existed."""
+then they take their default, which is what trm did before they existed -- except
+``train.arc_abstain_empty``: such an older ARC run is scored with the reference's protocol (an
+empty crop is a candidate), where trm then abstained."""
 
 
 def _missing_keys(full: Any, written: Any, prefix: str = "") -> list[str]:

@@ -61,7 +61,7 @@ USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [c
 EVAL_OVERRIDES = (
     "device", "kernels", "data.path", "data.eval_split", "data.eval_max_examples", "data.rag.cache_dir",
     "train.eval_batch_size", "train.eval_halt_max_steps", "train.num_threads", "train.collective_timeout_minutes",
-    "train.arc_pass_ks",
+    "train.arc_pass_ks", "train.arc_abstain_empty",
     "model.halt_max_steps", "model.H_cycles", "model.L_cycles", "model.forward_dtype",
 )
 """Keys an evaluation of one of our checkpoints may override: none of them changes the weights."""
