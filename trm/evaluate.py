@@ -53,6 +53,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from trm.config import ConfigError, load_config, load_saved_config, to_dict
 from trm.data.format import DatasetError
+from trm.eval.metrics import format_evaluation
 from trm.train import checkpoint as ckpt
 
 USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [config=PATH] [step=N|best] [out=PATH] [key=value ...]"
@@ -326,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if "out" in result:
         metrics = result["metrics"]
-        print("evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        print(f"evaluation of step {result['step']} on {metrics.get('eval/count', 0):.0f} examples "
+              f"({result['eval_split']} split):\n{format_evaluation(metrics)}")
         print(f"results written to {result['out']}")
     return 0
 

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from trm.config import Config, to_yaml
 from trm.data.curriculum import CurriculumSchedule
 from trm.data.puzzle_dataset import PuzzleDataset
+from trm.eval.metrics import accuracy_intervals, format_accuracy
 from trm.model import ACTCarry, act_loss
 from trm.train import checkpoint as ckpt
 from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
@@ -348,6 +349,7 @@ class Trainer:
             if submission_path is None:
                 submission_path = self.run_dir / "eval" / f"submission_step_{self.step}.json"
             metrics.update(arc.finish(submission_path))
+        metrics.update(accuracy_intervals(metrics))  # 95% Wilson intervals (trm.eval.metrics)
         return metrics
 
     def _arc_evaluation(self):
@@ -600,7 +602,7 @@ class Trainer:
                 if value is not None and (self.best_value is None or value > self.best_value):
                     self.best_value, self.best_step = value, self.step
                 if self.world.is_main:
-                    bar.write(f"step {self.step}: exact {last_eval['eval/exact_accuracy']:.4f} "
+                    bar.write(f"step {self.step}: exact {format_accuracy(last_eval, 'eval/exact_accuracy')} "
                               f"token {last_eval['eval/token_accuracy']:.4f} "
                               f"early-exit exact {last_eval['eval/early_exit/exact_accuracy']:.4f} "
                               f"at {last_eval['eval/early_exit/steps']:.2f} steps"
