@@ -1,12 +1,13 @@
 """Evaluate a checkpoint on its dataset's evaluation split and write the results as JSON.
 
     python -m trm.evaluate runs/tiny                               # latest complete checkpoint of a run
-    python -m trm.evaluate runs/tiny step=500                      # a given step (or step=best)
-    python -m trm.evaluate runs/tiny/checkpoints/step_1000 data.eval_max_examples=null out=res.json
-    python -m trm.evaluate reference.pt config=configs/sudoku_mlp.yaml data.path=data/sudoku-extreme
+    python -m trm.evaluate runs/tiny step=best                     # its best checkpoint (step=N: a step it kept)
+    python -m trm.evaluate runs/tiny data.eval_max_examples=null out=res.json    # every held-out example
+    python -m trm.evaluate reference.pt config=configs/sudoku_mlp.yaml data.path=data/sudoku-extreme-1k-aug-1000
     python -m trm.evaluate exports/tiny                            # a folder written by trm.export
     torchrun --nproc_per_node=2 -m trm.evaluate runs/tiny          # N processes: same numbers
 
+A checkpoint folder (``runs/tiny/checkpoints/step_N``) can be given instead of a run.
 Our checkpoints are loaded exactly as a resumed run loads them (DeepSpeed files at any world
 size, EMA shadow, puzzle table) and evaluated by the trainer's own ``evaluate``: with the EMA
 weights when the run keeps an EMA, all ``eval_halt_max_steps`` supervision steps, and the

@@ -26,7 +26,7 @@ and a shuffle of the three stacks plus the columns inside each stack.
 Commands::
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000
-    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
+    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme-1k-aug-1000 --subsample 1000 --aug 1000
     python -m trm.data inspect data/sudoku
 """
 

@@ -3,7 +3,7 @@
     python -m trm.train configs/tiny.yaml                       # one process (CPU or one GPU)
     python -m trm.train --config configs/tiny.yaml train.max_steps=50 run_dir=runs/x
     torchrun --nproc_per_node=8 -m trm.train configs/large.yaml
-    deepspeed --hostfile hosts -m trm.train configs/large.yaml
+    deepspeed --hostfile hosts --module trm.train configs/large.yaml
 
 Modes: ``mode=new`` (default; refuses a run_dir holding a previous run's files unless
 ``overwrite=true``), ``mode=resume`` (newest checkpoint that verifies, or ``resume_from=PATH``),
