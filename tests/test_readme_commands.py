@@ -409,4 +409,5 @@ def test_recipe_datasets_are_built_by_a_readme_command_and_the_hint_says_which(r
     with pytest.raises(DatasetError) as info:
         build_dataset(cfg, World(rank=0, local_rank=0, size=1, device=__import__("torch").device("cpu")))
     message = str(info.value)
-    assert f"python -m trm.data {builder} --out {path}" in message, message
+    hint = re.search(r"`(python -m trm\.data [^`]*)`", message)
+    assert hint and hint.group(1).startswith(f"python -m trm.data {builder} ") and f"--out {path} " in hint.group(1), message
