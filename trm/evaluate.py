@@ -218,8 +218,11 @@ def evaluate(request: Request) -> dict[str, Any]:
     from trm.factories import build_dataset, build_model_for, build_trainer
     from trm.model import load_reference_state_dict
     from trm.train.distributed import init_world
+    from trm.train.runtime import quiet_startup
 
     from trm.export import is_export_dir
+
+    quiet_startup()  # before DeepSpeed is imported
 
     target = request.target
     state_dict = None

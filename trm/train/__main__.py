@@ -34,6 +34,7 @@ from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train import checkpoint as ckpt
 from trm.train.checkpoint import CheckpointError
 from trm.train.distributed import init_world
+from trm.train.runtime import quiet_startup, run_summary
 from trm.train.trainer import NonFiniteLossError
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             from trm.serve import serve_config
 
             return serve_config(cfg)
+        quiet_startup()  # before DeepSpeed is imported (trm.train.runtime)
         try:
             ops.set_backend(cfg.kernels)
         except (ValueError, RuntimeError) as err:
@@ -208,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trm.train: stopped by {signal.Signals(trainer.stopped_by).name} at step {trainer.step}; checkpoint "
                   f"{trainer.last_checkpoint} is complete. Resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
         return 128 + trainer.stopped_by
-    if result and world.is_main:
-        print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    if world.is_main:
+        print(run_summary(cfg, result, trainer.step), flush=True)
     return 0
 
 

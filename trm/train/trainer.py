@@ -41,6 +41,7 @@ from trm.train.ema import EMA
 from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, grad_norm_metrics
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
 from trm.train.puzzle_table import ShardedPuzzleTable
+from trm.train.runtime import describe_run
 from trm.train.schedule import lr_at
 
 
@@ -325,7 +326,9 @@ class Trainer:
         with self._ema_weights():
             # Every rank runs the same number of equally sized batches (lookups may be collective);
             # rows past the end repeat example 0 and are not counted.
-            for first in range(0, n, stride):
+            batches = range(0, n, stride)
+            for first in tqdm(batches, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True,
+                              disable=not (self.world.is_main and cfg.train.progress_bar) or len(batches) < 2):
                 idx = first + self.world.rank * batch_size + torch.arange(batch_size)
                 valid = idx < n
                 rows = torch.where(valid, idx, 0).numpy()
@@ -562,17 +565,18 @@ class Trainer:
             self.metrics.truncate_after(0)
         if self.world.is_main:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-        with self.stop_requests:
-            return self._loop()
+            print(describe_run(self), flush=True)  # once, in our words: what runs (trm.train.runtime)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, dynamic_ncols=True, desc="train",
+                   disable=not (self.world.is_main and cfg.train.progress_bar))
+        with bar, self.stop_requests:  # the bar ends its line before anything else is printed, an error included
+            return self._loop(bar)
 
-    def _loop(self) -> dict[str, float]:
+    def _loop(self, bar: tqdm) -> dict[str, float]:
         tc = self.cfg.train
         started = time.time()
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.time()
         last_eval: dict[str, float] = {}
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.world.is_main and tc.progress_bar),
-                   dynamic_ncols=True, desc="train")
         while self.step < tc.max_steps:
             self.step += 1
             lr = self._set_lr()
