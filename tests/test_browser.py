@@ -6,8 +6,8 @@ supervision steps (each step's grid and changed-cell count must equal what ``POS
 with ``trace`` returns for the same puzzle), and shows the service's error for a malformed grid
 and its own for text that is not JSON. Debian's ``chromium`` is needed (``.ci/run`` installs it).
 
-``TRM_PAGE_SCREENSHOT=PATH`` also writes the screenshot taken after solving to PATH (how
-docs/service_page.png is made, from a trained run: ``TRM_PAGE_RUN=runs/tiny``).
+``TRM_PAGE_SCREENSHOT=PATH`` also writes a screenshot at step 3 to PATH, and ``TRM_PAGE_RUN=DIR``
+serves that run instead of the 6-step test run (how docs/service_page.png is made).
 """
 
 from __future__ import annotations
@@ -174,8 +174,6 @@ def test_page_loads_solves_steps_and_shows_errors(page_server, browser, tmp_path
     shot = browser.screenshot()
     assert shot.startswith(b"\x89PNG\r\n\x1a\n") and len(shot) > 10_000
     (tmp_path / "page.png").write_bytes(shot)
-    if os.environ.get("TRM_PAGE_SCREENSHOT"):
-        Path(os.environ["TRM_PAGE_SCREENSHOT"]).write_bytes(shot)
 
     # step back through the trace: each step's grid, changed cells and halting confidence
     for k in range(n, 0, -1):
@@ -189,6 +187,8 @@ def test_page_loads_solves_steps_and_shows_errors(page_server, browser, tmp_path
         assert browser.eval("document.querySelectorAll('#predView td.changed').length") == shown
         info = browser.eval("document.getElementById('stepInfo').textContent")
         assert f"halting confidence {trace[k - 1]['halting_confidence']:.3f}" in info, info
+        if k == min(n, 3) and os.environ.get("TRM_PAGE_SCREENSHOT"):
+            Path(os.environ["TRM_PAGE_SCREENSHOT"]).write_bytes(browser.screenshot())
     assert browser.eval("document.getElementById('prev').disabled") is True
     browser.click("last")
     assert browser.eval("document.getElementById('stepLabel').textContent") == f"step {n} of {n}"
