@@ -48,11 +48,13 @@ SHRINK = {"--train-puzzles": "6", "--test-puzzles": "3", "--train-mazes": "2", "
 
 TINY_TRAIN = ["train.max_steps=2", "train.time_limit_minutes=null", "train.compile=false", "train.checkpoint_interval=2",
               "train.global_batch_size=16", "train.progress_bar=false", "train.plots=false", "train.eval_halt_max_steps=2",
-              "data.eval_max_examples=4",
+              "data.eval_max_examples=4", "model.hidden_size=32", "model.expansion=2", "model.L_layers=1",
+              "model.L_cycles=1",
               "data.build.train_puzzles=24", "data.build.test_puzzles=8", "data.build.min_blanks=30",
               "data.build.max_blanks=40", "data.build.test_min_blanks=30", "data.build.test_max_blanks=40"]
-"""Appended to ``trm.train configs/tiny.yaml ...``: two steps (three with mode=resume) on a small
-build of its dataset; no end-of-run plot (``python -m trm.plot runs/tiny`` draws it)."""
+"""Appended to ``trm.train configs/tiny.yaml ...``: two steps (three with mode=resume) of a smaller
+network on a small build of its dataset; no end-of-run plot (``python -m trm.plot runs/tiny``
+draws it)."""
 
 NOT_RUN = {
     "install": "installation (python3 -m venv, pip install): what .ci/run does before these tests",
