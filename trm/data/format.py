@@ -35,7 +35,27 @@ FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_ind
 
 TOKEN_FIELDS = ("inputs", "labels")
 INDEX_FIELDS = ("puzzle_identifiers", "puzzle_indices", "group_indices")
-BUILD_HINT = "build one with `python -m trm.data build sudoku --out DIR ...` (see `python -m trm.data --help`)"
+BUILD_COMMANDS: tuple[tuple[str, str], ...] = (
+    # (part of a dataset folder's name, the command that builds it; the recipes' folders in configs/)
+    ("sudoku-extreme", "python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out {path} "
+                       "--subsample 1000 --aug 1000"),
+    ("maze", "python -m trm.data build maze --out {path} --train-mazes 1000 --test-mazes 1000 --aug --min-path-length 110"),
+    ("arc2", "python -m trm.data build arc2 --out {path} --aug 1000"),
+    ("arc", "python -m trm.data build arc1 --out {path} --aug 1000"),
+    ("sudoku", "python -m trm.data build sudoku --out {path} --train-puzzles 1000 --aug 1000 --test-puzzles 1000"),
+)
+"""Sudoku-Extreme is imported from its CSVs (source,question,answer,rating), not generated."""
+
+
+def build_hint(root: str | Path) -> str:
+    """How to build the dataset folder ``root``: the builder its name points to (the recipes'
+    folders: ``sudoku-extreme*`` -> import-sudoku-csv, ``maze*`` -> build maze, ``arc2*`` / ``arc*``
+    -> build arc2 / arc1, ``sudoku*`` -> build sudoku), else the list of builders."""
+    name = Path(root).name.lower()
+    for part, command in BUILD_COMMANDS:
+        if part in name:
+            return f"build it with `{command.format(path=root)}` (see `python -m trm.data --help`)"
+    return f"build one with `python -m trm.data build sudoku|maze|arc1|arc2 --out {root} ...` (see `python -m trm.data --help`)"
 
 
 class DatasetError(ValueError):
@@ -106,7 +126,7 @@ class DatasetMetadata:
         """Read and validate ``dataset.json``."""
         path = Path(path)
         if not path.is_file():
-            raise DatasetError(f"Missing metadata file {path}; {BUILD_HINT}")
+            raise DatasetError(f"Missing metadata file {path}; {build_hint(path.parent.parent)}")
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -193,7 +213,7 @@ def split_file(root: str | Path, split: str, set_name: str, field: str) -> Path:
 
 def _load_array(path: Path, mmap: bool) -> np.ndarray:
     if not path.is_file():
-        raise DatasetError(f"Missing file {path}; the dataset is incomplete, rebuild it ({BUILD_HINT})")
+        raise DatasetError(f"Missing file {path}; the dataset is incomplete, rebuild it ({build_hint(path.parent.parent)})")
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -316,7 +336,7 @@ def load_identifiers(root: str | Path) -> list[str]:
     """Read ``identifiers.json`` (a JSON list of strings)."""
     path = Path(root) / "identifiers.json"
     if not path.is_file():
-        raise DatasetError(f"Missing file {path}; {BUILD_HINT}")
+        raise DatasetError(f"Missing file {path}; {build_hint(root)}")
     try:
         names = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -334,10 +354,10 @@ def load_split(root: str | Path, split: str, check_tokens: bool = True) -> Split
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Dataset directory {root} does not exist; {BUILD_HINT}")
+        raise DatasetError(f"Dataset directory {root} does not exist; {build_hint(root)}")
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetError(f"Split directory {split_dir} does not exist (dataset at {root} has no '{split}' split); {BUILD_HINT}")
+        raise DatasetError(f"Split directory {split_dir} does not exist (dataset at {root} has no '{split}' split); {build_hint(root)}")
     metadata = DatasetMetadata.from_json(split_dir / "dataset.json")
 
     per_set = []
@@ -396,10 +416,10 @@ def summarize_dataset(root: str | Path, details: Callable[[SplitData], str] | No
     """
     root = Path(root)
     if not root.is_dir():
-        raise DatasetError(f"Dataset directory {root} does not exist; {BUILD_HINT}")
+        raise DatasetError(f"Dataset directory {root} does not exist; {build_hint(root)}")
     split_names = sorted(p.name for p in root.iterdir() if (p / "dataset.json").is_file())
     if not split_names:
-        raise DatasetError(f"{root} holds no split (no */dataset.json); {BUILD_HINT}")
+        raise DatasetError(f"{root} holds no split (no */dataset.json); {build_hint(root)}")
     parts = [f"dataset {root}"]
     for split_name in split_names:
         split = load_split(root, split_name)

@@ -25,8 +25,8 @@ Measured (300 perfect mazes): the longest shortest path is ~280 moves at the med
 
 Commands::
 
-    python -m trm.data build maze --out data/maze --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
-    python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
+    python -m trm.data build maze --out data/maze-30x30-hard-1k --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
+    python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-30x30-hard-1k --aug
     python -m trm.data inspect data/maze
 
 Tests: ``pytest tests/test_maze.py`` (labels checked against an independent BFS).

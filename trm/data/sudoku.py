@@ -26,12 +26,13 @@ and a shuffle of the three stacks plus the columns inside each stack.
 Commands::
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000
-    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
+    python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme-1k-aug-1000 --subsample 1000 --aug 1000
     python -m trm.data inspect data/sudoku
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import math
@@ -328,11 +329,20 @@ def generate_puzzles(
     workers = min(workers or os.cpu_count() or 1, count)
     chunk = max(1, math.ceil(count / (workers * 8)))
     tasks = [(seed, stream, a, min(a + chunk, start + count), min_blanks, max_blanks) for a in range(start, start + count, chunk)]
-    if workers == 1:
-        parts = [_generate_range(task) for task in tasks]
-    else:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            parts = pool.map(_generate_range, tasks)
+    from tqdm import tqdm
+
+    # a progress bar on a terminal only (disable=None): generating 1000s of unique puzzles takes minutes
+    bar = tqdm(total=count, unit="puzzle", desc=f"sudoku {'train' if stream == TRAIN_STREAM else 'test'} puzzles",
+               disable=None, leave=False, dynamic_ncols=True)
+    with bar, contextlib.ExitStack() as stack:
+        if workers == 1:
+            results = map(_generate_range, tasks)
+        else:
+            results = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers)).imap(_generate_range, tasks)
+        parts = []
+        for part in results:  # in task order, whatever the workers: the output does not change
+            parts.append(part)
+            bar.update(len(part[0]))
     return np.concatenate([p for p, _ in parts]), np.concatenate([s for _, s in parts])
 
 

@@ -2,15 +2,23 @@
 
 Routes::
 
+    GET  /             the page: pick a task, paste or load a held-out example, solve, step through
+                       the supervision steps (``trm/serve/static/index.html``, no external assets)
     GET  /healthz      200 {"status": "ok", "step": N, ...} once a model is loaded, else 503
     GET  /v1/model     recipe, checkpoint step, parameter count, device, batching settings
     POST /v1/solve     {"task": "sudoku", "grid": GRID}            -> one answer
                        {"task": "sudoku", "grids": [GRID, ...]}    -> {"results": [...]}
                        optional "puzzle_id": int (row of the puzzle-embedding table; default 0)
+                       optional "trace": true -> each answer also has "trace": the grid and the
+                       halting confidence after every supervision step it ran
+    GET  /v1/examples/N   held-out example N of the run's evaluation split (input, solution, puzzle_id)
 
 An answer is ``{"grid": ..., "supervision_steps": int, "halting_confidence": float in [0, 1],
 "halted": bool}`` plus ``"task"`` and ``"checkpoint_step"`` of the model that produced it
 (grid formats: ``trm.serve.tasks``).
+
+The OpenAPI schema (``/openapi.json``, browsable at ``/docs``) documents the request body and the
+replies from the pydantic models below.
 
 Every failure is a JSON reply ``{"error": {"status": S, "message": "..."}}``: 400 unreadable
 body, 401 missing/wrong token, 404/405 unknown route/method, 413 body or grid count over the
@@ -31,18 +39,23 @@ import hmac
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from trm.serve.batching import Batcher, NoModelError
 from trm.serve.follow import ModelSlot
+from trm.data.format import DatasetError
 from trm.serve.tasks import TASKS, RequestError
+
+PAGE = Path(__file__).with_name("static") / "index.html"
+"""The service's page (``GET /``): one self-contained HTML file, so it works offline."""
 
 
 @dataclass
@@ -51,13 +64,90 @@ class Limits:
     max_grids: int = 256
 
 
-class SolveRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+GRID_SCHEMA = {"anyOf": [
+    {"type": "string", "description": "sudoku: 81 characters 1-9, with 0 or '.' for a blank"},
+    {"type": "array", "items": {"type": "string"}, "description": "maze: 30 strings of 30 characters from '# SG'"},
+    {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}},
+     "description": "sudoku: 9 x 9 digits (0 = blank); arc: 1-30 rows of equally many colours 0-9"},
+]}
 
-    task: StrictStr
-    grid: Optional[Any] = None
-    grids: Optional[list[Any]] = None
-    puzzle_id: StrictInt = 0
+
+def _list_of_grids(schema: dict[str, Any]) -> None:
+    schema.pop("anyOf", None)
+    schema.update(type="array", items=GRID_SCHEMA)
+
+
+class SolveRequest(BaseModel):
+    """The body of ``POST /v1/solve``: exactly one of ``grid`` and ``grids``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task": "sudoku", "grid": "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79",
+         "trace": True}]})
+
+    task: StrictStr = Field(description="sudoku | maze | arc: the task the served model was trained for (GET /v1/model)")
+    grid: Optional[Any] = Field(None, description="one puzzle", json_schema_extra=GRID_SCHEMA)
+    grids: Optional[list[Any]] = Field(None, description="several puzzles (answered as 'results', in order)",
+                                       json_schema_extra=_list_of_grids)
+    puzzle_id: StrictInt = Field(0, description="row of the puzzle-embedding table (0 = blank / unseen puzzle); "
+                                                "GET /v1/examples/N gives a held-out example's")
+    trace: StrictBool = Field(False, description="also return the predicted grid and the halting confidence after "
+                                                 "every supervision step")
+
+
+class TraceStep(BaseModel):
+    step: int = Field(description="supervision step, from 1")
+    grid: Any = Field(description="the prediction after this step (the task's answer format)")
+    halting_confidence: Optional[float] = Field(description="sigmoid(q_halt) after this step; > 0.5 means halt")
+
+
+class SolveAnswer(BaseModel):
+    grid: Any = Field(description="the answer: sudoku 9 x 9 digits, maze 30 strings with the path as 'o', arc colours")
+    supervision_steps: int = Field(description="steps run before stopping (early exit or the step budget)")
+    halting_confidence: Optional[float] = Field(description="sigmoid(q_halt) at the stopping step")
+    halted: bool = Field(description="true when the model chose to stop (q_halt > 0)")
+    trace: Optional[list[TraceStep]] = Field(None, description="with trace=true: one entry per step")
+
+
+class SolveReply(SolveAnswer):
+    """The reply to a request with ``grid``."""
+
+    task: str
+    checkpoint_step: int = Field(description="training step of the checkpoint that answered")
+
+
+class SolveBatchReply(BaseModel):
+    """The reply to a request with ``grids``."""
+
+    task: str
+    checkpoint_step: int
+    results: list[SolveAnswer]
+
+
+class ExampleReply(BaseModel):
+    task: Optional[str]
+    index: int
+    count: int = Field(description="held-out examples in the split")
+    grid: Any = Field(description="the puzzle, in the request format of the task")
+    solution: Any = Field(description="the label, in the answer format")
+    puzzle_id: int
+
+
+class ErrorBody(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorReply(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {status: {"model": ErrorReply, "description": what} for status, what in (
+    (400, "unreadable body"), (401, "missing or wrong bearer token"), (413, "body or grid count over the limit"),
+    (422, "a request that does not fit the model"), (503, "no checkpoint loaded yet"))}
+
+
+def _confidence(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -98,7 +188,7 @@ def _parse_request(data: Any) -> SolveRequest:
         where = ".".join(str(part) for part in first["loc"]) or "body"
         more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
         raise RequestError(f"Field '{where}': {first['msg']}{more}. Fields: task (string), grid or grids, "
-                           f"optional puzzle_id (integer).") from None
+                           f"optional puzzle_id (integer), optional trace (boolean).") from None
 
 
 def create_app(slot: ModelSlot, batcher: Batcher, token: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -152,8 +242,37 @@ def create_app(slot: ModelSlot, batcher: Batcher, token: str | None = None, limi
                            "max_grids_per_request": limits.max_grids, "max_body_bytes": limits.max_body_bytes}
         return JSONResponse(info)
 
-    @app.post("/v1/solve")
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/v1/examples/{index}", response_model=ExampleReply, responses=ERRORS)
+    async def example(index: int, request: Request) -> JSONResponse:
+        """Held-out example ``index`` of the served run's evaluation split (404 when the dataset is
+        not where the run's ``data.path`` says, relative to the service's working directory)."""
+        authorize(request)
+        model = current_model()
+        codec = TASKS.get(model.task or "")
+        if codec is None:
+            raise RequestError("This model's dataset has no grid format the service knows.", 404)
+        try:
+            inputs, labels, puzzle_id, count = model.held_out_example(index)
+        except DatasetError as err:
+            raise RequestError(f"No held-out examples here: {err}", 404) from None
+        except IndexError as err:
+            raise RequestError(f"No held-out example {index}: {err}.", 404) from None
+        grid = codec.decode(inputs)
+        if model.task == "maze":  # the request format has no path
+            grid = [row.replace("o", " ") for row in grid]
+        return JSONResponse({"task": model.task, "index": index, "count": count, "grid": grid,
+                             "solution": codec.decode(labels), "puzzle_id": puzzle_id})
+
+    @app.post("/v1/solve", responses={200: {"model": SolveReply | SolveBatchReply,
+                                            "description": "one answer (grid) or a list (grids)"}, **ERRORS},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/SolveRequest"}}}}})
     async def solve(request: Request) -> JSONResponse:
+        """Solve one grid or a batch of grids (body: SolveRequest); ``trace`` adds every step's prediction."""
         authorize(request)
         req = _parse_request(await _read_json(request, limits.max_body_bytes))
         model = current_model()
@@ -177,17 +296,32 @@ def create_app(slot: ModelSlot, batcher: Batcher, token: str | None = None, limi
         tokens = np.stack([codec.encode(g, model.seq_len, name) for g, name in zip(grids, names)])
         puzzle_ids = np.full(len(grids), req.puzzle_id, dtype=np.int32)
         try:
-            answer = await asyncio.wrap_future(batcher.submit(tokens, puzzle_ids))
+            answer = await asyncio.wrap_future(batcher.submit(tokens, puzzle_ids, trace=req.trace))
         except NoModelError:
             raise RequestError("No checkpoint is loaded yet; retry later.", 503) from None
         sol = answer.solution
         results = [{
             "grid": codec.decode(sol.tokens[i]),
             "supervision_steps": int(sol.steps[i]),
-            "halting_confidence": float(sol.confidence[i]) if math.isfinite(sol.confidence[i]) else None,
+            "halting_confidence": _confidence(sol.confidence[i]),
             "halted": bool(sol.halted[i]),
         } for i in range(len(grids))]
+        if req.trace:
+            for i, result in enumerate(results):
+                result["trace"] = [{"step": k + 1, "grid": codec.decode(sol.trace_tokens[k, i].astype(np.int64)),
+                                    "halting_confidence": _confidence(sol.trace_confidence[k, i])}
+                                   for k in range(int(sol.steps[i]))]
         head = {"task": req.task, "checkpoint_step": answer.model.step}
         return JSONResponse({**head, **results[0]} if req.grids is None else {**head, "results": results})
 
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema plus the request body model (the route parses its body itself, for
+        size limits and its own error replies, so FastAPI does not see the model)."""
+        if app.openapi_schema is None:
+            generate_openapi()["components"]["schemas"]["SolveRequest"] = SolveRequest.model_json_schema()
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

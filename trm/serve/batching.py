@@ -29,6 +29,7 @@ from trm.serve.solver import ServedModel, Solution
 class Job:
     tokens: np.ndarray        # [n, seq_len] int32
     puzzle_ids: np.ndarray    # [n] int32
+    trace: bool = False       # keep the per-step predictions (the batch then keeps them for all rows)
     future: Future = field(default_factory=Future)
 
 
@@ -57,8 +58,8 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="trm-serve-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, tokens: np.ndarray, puzzle_ids: np.ndarray) -> Future:
-        job = Job(tokens, puzzle_ids)
+    def submit(self, tokens: np.ndarray, puzzle_ids: np.ndarray, trace: bool = False) -> Future:
+        job = Job(tokens, puzzle_ids, trace)
         self._queue.put(job)
         return job.future
 
@@ -114,16 +115,13 @@ class Batcher:
         if tokens.shape[1] != model.seq_len:
             raise ValueError(f"the served model changed to seq_len {model.seq_len}; resend the request")
         puzzle_ids = np.concatenate([job.puzzle_ids for job in jobs])
-        parts = [model.solve(tokens[i:i + self.max_batch], puzzle_ids[i:i + self.max_batch])
-                 for i in range(0, len(tokens), self.max_batch)]
-        whole = Solution(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                           ("tokens", "steps", "confidence", "halted")))
+        trace = any(job.trace for job in jobs)
+        whole = Solution.concatenate([model.solve(tokens[i:i + self.max_batch], puzzle_ids[i:i + self.max_batch], trace)
+                                      for i in range(0, len(tokens), self.max_batch)])
         self.batches_run += 1
         self.largest_batch = max(self.largest_batch, len(tokens))
         start = 0
         for job in jobs:
             end = start + len(job.tokens)
-            rows = Solution(whole.tokens[start:end], whole.steps[start:end], whole.confidence[start:end],
-                            whole.halted[start:end])
-            job.future.set_result(Answer(rows, model, len(tokens)))
+            job.future.set_result(Answer(whole.rows(start, end), model, len(tokens)))
             start = end

@@ -5,7 +5,9 @@ at its first step with ``q_halt > 0`` (the model is confident) or at the step bu
 (``train.eval_halt_max_steps``, else ``model.halt_max_steps``: the evaluation's early exit),
 and its answer is the argmax of that step's logits. Stopped rows leave the batch, so the rest
 runs on fewer rows. Per row it reports the steps used, ``sigmoid(q_halt)`` at the stop (the
-halting confidence) and whether the model itself chose to halt.
+halting confidence) and whether the model itself chose to halt. With ``trace=True`` it also
+keeps every row's predicted tokens and halting confidence after each of its steps (what the
+service's page steps through).
 
 Only safetensors / YAML / JSON are read (``trm.export.load_exported_model``), never a pickle.
 
@@ -34,6 +36,27 @@ class Solution:
     steps: np.ndarray        # [N] supervision steps used
     confidence: np.ndarray   # [N] sigmoid(q_halt) at the stopping step
     halted: np.ndarray       # [N] True when the model chose to stop (q_halt > 0)
+    trace_tokens: np.ndarray | None = None
+    """With ``trace``: [max_steps, N, seq_len] the prediction after each step (row n: steps[n] of them)."""
+    trace_confidence: np.ndarray | None = None
+    """With ``trace``: [max_steps, N] sigmoid(q_halt) after each step (row n: steps[n] of them)."""
+
+    def rows(self, lo: int, hi: int) -> "Solution":
+        """Rows ``lo:hi`` (the answer of one job of a batch)."""
+        traced = self.trace_tokens is not None
+        return Solution(self.tokens[lo:hi], self.steps[lo:hi], self.confidence[lo:hi], self.halted[lo:hi],
+                        self.trace_tokens[:, lo:hi] if traced else None,
+                        self.trace_confidence[:, lo:hi] if traced else None)
+
+    @staticmethod
+    def concatenate(parts: list["Solution"]) -> "Solution":
+        """One solution of consecutive row chunks (with a trace when the chunks have one)."""
+        def cat(name: str, axis: int = 0) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts], axis=axis)
+
+        traced = parts[0].trace_tokens is not None
+        return Solution(cat("tokens"), cat("steps"), cat("confidence"), cat("halted"),
+                        cat("trace_tokens", 1) if traced else None, cat("trace_confidence", 1) if traced else None)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -62,6 +85,24 @@ class ServedModel:
         self.task: str | None = self.info.get("task")
         self.step = int(self.info["step"])
         self.max_steps = self.cfg.train.eval_halt_max_steps or self.cfg.model.halt_max_steps
+        self._held_out = None
+
+    def held_out_example(self, index: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """Example ``index`` of the run's evaluation split (``data.path`` / ``data.eval_split``, read
+        relative to the service's working directory): input tokens, label tokens (the dataset's
+        ignore id -> 0), its puzzle identifier, and how many examples the split has.
+        ``trm.data.format.DatasetError`` when the dataset is not here; IndexError when out of range."""
+        from trm.data.format import load_split
+
+        if self._held_out is None:
+            self._held_out = load_split(self.cfg.data.path, self.cfg.data.eval_split, check_tokens=False)
+        split = self._held_out
+        if not 0 <= index < split.num_examples:
+            raise IndexError(f"example {index} is out of range: {split.num_examples} held-out examples (0-{split.num_examples - 1})")
+        labels = np.array(split.labels[index], dtype=np.int64)
+        labels[labels == split.metadata.ignore_label_id] = 0
+        puzzle_id = int(split.example_puzzle_identifier(np.array([index]))[0])
+        return np.array(split.inputs[index], dtype=np.int64), labels, puzzle_id, split.num_examples
 
     def describe(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -86,7 +127,7 @@ class ServedModel:
         }
 
     @torch.inference_mode()
-    def solve(self, tokens_NS: np.ndarray, puzzle_ids_N: np.ndarray) -> Solution:
+    def solve(self, tokens_NS: np.ndarray, puzzle_ids_N: np.ndarray, trace: bool = False) -> Solution:
         n = tokens_NS.shape[0]
         batch = {
             "inputs": torch.as_tensor(tokens_NS, dtype=torch.int32, device=self.device),
@@ -96,6 +137,9 @@ class ServedModel:
         out_steps = torch.zeros(n, dtype=torch.int64, device=self.device)
         out_conf = torch.zeros(n, dtype=torch.float32, device=self.device)
         out_halted = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if trace:
+            trace_tokens = torch.zeros(self.max_steps, n, self.seq_len, dtype=torch.int16, device=self.device)
+            trace_conf = torch.zeros(self.max_steps, n, dtype=torch.float32, device=self.device)
         rows = torch.arange(n, device=self.device)
         carry = self.model.initial_carry(batch)
         for step in range(1, self.max_steps + 1):
@@ -104,6 +148,9 @@ class ServedModel:
             q_halt = outputs["q_halt_logits"].float()
             chose = q_halt > 0
             stop = chose | (step == self.max_steps)
+            if trace:
+                trace_tokens[step - 1, rows] = outputs["logits"].argmax(-1).to(torch.int16)
+                trace_conf[step - 1, rows] = torch.sigmoid(q_halt)
             done = rows[stop]
             out_tokens[done] = outputs["logits"][stop].argmax(-1)
             out_steps[done] = step
@@ -114,8 +161,11 @@ class ServedModel:
                 break
             rows, carry = rows[keep], _select_carry(carry, keep)
             batch = {k: v[keep] for k, v in batch.items()}
-        return Solution(out_tokens.cpu().numpy(), out_steps.cpu().numpy(), out_conf.cpu().numpy(),
-                        out_halted.cpu().numpy())
+        solution = Solution(out_tokens.cpu().numpy(), out_steps.cpu().numpy(), out_conf.cpu().numpy(),
+                            out_halted.cpu().numpy())
+        if trace:
+            solution.trace_tokens, solution.trace_confidence = trace_tokens.cpu().numpy(), trace_conf.cpu().numpy()
+        return solution
 
 
 def set_kernels(name: str) -> str:

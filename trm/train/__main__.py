@@ -3,7 +3,7 @@
     python -m trm.train configs/tiny.yaml                       # one process (CPU or one GPU)
     python -m trm.train --config configs/tiny.yaml train.max_steps=50 run_dir=runs/x
     torchrun --nproc_per_node=8 -m trm.train configs/large.yaml
-    deepspeed --hostfile hosts -m trm.train configs/large.yaml
+    deepspeed --hostfile hosts --module trm.train configs/large.yaml
 
 Modes: ``mode=new`` (default; refuses a run_dir holding a previous run's files unless
 ``overwrite=true``), ``mode=resume`` (newest checkpoint that verifies, or ``resume_from=PATH``),
@@ -35,6 +35,7 @@ from trm.config import Config, ConfigError, describe_keys, load_config, to_yaml
 from trm.factories import build_dataset, build_model_for, build_trainer
 from trm.train import checkpoint as ckpt
 from trm.train.distributed import init_world
+from trm.train.runtime import quiet_startup, run_summary
 from trm.train.shared_storage import check_shared_run_dir
 
 USAGE = "usage: python -m trm.train CONFIG.yaml [key=value ...]   (or --config CONFIG.yaml)"
@@ -188,6 +189,7 @@ def _train(argv: list[str]) -> int:
         from trm.serve import serve_config
 
         return serve_config(cfg)
+    quiet_startup()  # before DeepSpeed is imported (trm.train.runtime)
     cli.check_device(cfg.device)
     try:
         ops.set_backend(cfg.kernels)
@@ -210,8 +212,8 @@ def _train(argv: list[str]) -> int:
             print(f"trm.train: stopped by {signal.Signals(trainer.stopped_by).name} at step {trainer.step}; checkpoint "
                   f"{trainer.last_checkpoint} is complete. Resume with: {resume_command(argv)}", file=sys.stderr, flush=True)
         return 128 + trainer.stopped_by
-    if result and world.is_main:
-        print("final evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    if world.is_main:
+        print(run_summary(cfg, result, trainer.step), flush=True)
     return 0
 
 

@@ -26,9 +26,11 @@ multiply-add, backward = 2 x forward, applied to each call of the shared network
     MFU = F_step * steps / seconds / (peak FLOP/s per device * devices)
 
 The peak comes from ``train.peak_tflops``; by default, dense bf16/fp16 (or TF32 for a float32
-forward) figures of known GPUs (``PEAK_TFLOPS``), and on CPU a rough ``threads x 32 FLOP/cycle x
-2.5 GHz`` (AVX2: two 8-wide fp32 FMA units); set ``train.peak_tflops`` for a number you trust.
-Embedding lookups, norms and the loss are not counted.
+forward) figures of known GPUs (``PEAK_TFLOPS``). Without a known peak (a CPU, an unlisted GPU)
+``perf/mfu`` is not logged at all: a guessed peak gives a number that looks precise and is not
+(a core count times a nominal FLOP/cycle read 55-65% on a shared 2-core CPU). Set
+``train.peak_tflops`` to a peak you measured to get it there. Embedding lookups, norms and the
+loss are not counted.
 
 Memory: ``perf/max_rss_gib`` (peak resident memory of rank 0's process) and, on a GPU,
 ``perf/gpu_max_allocated_gib`` (peak allocated by PyTorch since the previous log line).
@@ -48,6 +50,8 @@ from typing import Any
 
 import torch
 
+from trm.plot import plot_run
+
 PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     # device-name substring: (bf16/fp16 dense, tf32 dense) TFLOP/s per GPU (SXM parts)
     "H200": (989.0, 494.5),
@@ -56,7 +60,6 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "L40S": (362.0, 183.0),
     "A10": (125.0, 62.5),
 }
-CPU_FLOPS_PER_THREAD = 32 * 2.5e9
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -89,15 +92,13 @@ def training_flops_per_step(model: torch.nn.Module, global_batch: int) -> float:
 
 
 def default_peak_tflops(device: torch.device, forward_dtype: str) -> float | None:
-    """Peak dense TFLOP/s of one device (None when unknown)."""
+    """Peak dense TFLOP/s of one device: a listed GPU's (None when unknown, e.g. any CPU)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, (half, tf32) in PEAK_TFLOPS.items():
             if key in name:
                 return tf32 if forward_dtype == "float32" else half
         return None
-    if device.type == "cpu":
-        return torch.get_num_threads() * CPU_FLOPS_PER_THREAD / 1e12
     return None
 
 
@@ -231,17 +232,9 @@ class MetricsLog:
             self._wandb = None
         if self.plots and self.path.exists():
             try:
-                from trm.plot import plot_run
-
                 plot_run(self.run_dir)
             except Exception as err:  # a plot must never fail a finished run
                 print(f"trm: could not write learning curves: {err}", file=sys.stderr, flush=True)
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All events of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _plain(value: Any) -> Any:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from trm.config import Config, ConfigError, to_yaml
 from trm.data.curriculum import CurriculumSchedule
 from trm.data.puzzle_dataset import PuzzleDataset
+from trm.eval.metrics import accuracy_intervals, format_accuracy
 from trm.model import ACTCarry, act_loss
 from trm.train import checkpoint as ckpt
 from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
@@ -40,6 +41,7 @@ from trm.train.ema import EMA
 from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, grad_norm_metrics
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
 from trm.train.puzzle_table import ShardedPuzzleTable
+from trm.train.runtime import describe_run
 from trm.train.schedule import lr_at
 from trm.train.shared_storage import HOW_TO_FIX, missing_rank_files
 
@@ -358,7 +360,9 @@ class Trainer:
         with self._ema_weights():
             # Every rank runs the same number of equally sized batches (lookups may be collective);
             # rows past the end repeat example 0 and are not counted.
-            for first in range(0, n, stride):
+            batches = range(0, n, stride)
+            for first in tqdm(batches, desc="evaluate", unit="batch", leave=False, dynamic_ncols=True,
+                              disable=not (self.world.is_main and cfg.train.progress_bar) or len(batches) < 2):
                 idx = first + self.world.rank * batch_size + torch.arange(batch_size)
                 valid = idx < n
                 rows = torch.where(valid, idx, 0).numpy()
@@ -382,6 +386,7 @@ class Trainer:
             if submission_path is None:
                 submission_path = self.run_dir / "eval" / f"submission_step_{self.step}.json"
             metrics.update(arc.finish(submission_path))
+        metrics.update(accuracy_intervals(metrics))  # 95% Wilson intervals (trm.eval.metrics)
         return metrics
 
     def _arc_evaluation(self):
@@ -599,17 +604,18 @@ class Trainer:
             self.metrics.truncate_after(0)
         if self.world.is_main:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
-        with self.stop_requests:
-            return self._loop()
+            print(describe_run(self), flush=True)  # once, in our words: what runs (trm.train.runtime)
+        bar = tqdm(total=cfg.train.max_steps, initial=self.step, dynamic_ncols=True, desc="train",
+                   disable=not (self.world.is_main and cfg.train.progress_bar))
+        with bar, self.stop_requests:  # the bar ends its line before anything else is printed, an error included
+            return self._loop(bar)
 
-    def _loop(self) -> dict[str, float]:
+    def _loop(self, bar: tqdm) -> dict[str, float]:
         tc = self.cfg.train
         started = time.time()
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.time()
         last_eval: dict[str, float] = {}
-        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.world.is_main and tc.progress_bar),
-                   dynamic_ncols=True, desc="train")
         while self.step < tc.max_steps:
             self.step += 1
             lr = self._set_lr()
@@ -639,7 +645,7 @@ class Trainer:
                 if value is not None and (self.best_value is None or value > self.best_value):
                     self.best_value, self.best_step = value, self.step
                 if self.world.is_main:
-                    bar.write(f"step {self.step}: exact {last_eval['eval/exact_accuracy']:.4f} "
+                    bar.write(f"step {self.step}: exact {format_accuracy(last_eval, 'eval/exact_accuracy')} "
                               f"token {last_eval['eval/token_accuracy']:.4f} "
                               f"early-exit exact {last_eval['eval/early_exit/exact_accuracy']:.4f} "
                               f"at {last_eval['eval/early_exit/steps']:.2f} steps"
