@@ -233,6 +233,34 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
     parser.set_defaults(run=run)
 
 
+def _add_arc_synth_builder(builders: argparse._SubParsersAction) -> None:
+    from trm.data import arc_synth
+
+    parser = builders.add_parser("arc-synth", help="seeded ARC-like tasks (hidden grid programs) on a small canvas, with held-out programs")
+    _add_out(parser)
+    parser.add_argument("--train-tasks", type=int, required=True, help="training tasks (one program each)")
+    parser.add_argument("--heldout-tasks", type=int, required=True, help="held-out tasks: compositions never used in training (written to OUT/heldout/)")
+    parser.add_argument("--validation-tasks", type=int, default=8, help="training-family tasks evaluated on their test pairs (default 8)")
+    parser.add_argument("--aug", type=int, default=8, help="augmented versions per task besides the original (default 8)")
+    parser.add_argument("--canvas", type=int, default=8, help="side of the token canvas, seq_len = canvas^2 (default 8; ARC uses 30)")
+    parser.add_argument("--min-side", type=int, default=2, help="smallest input grid side (default 2)")
+    parser.add_argument("--max-side", type=int, default=4, help="largest input grid side (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed; equal arguments give byte-identical files (default 0)")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("train_tasks", "heldout_tasks", "validation_tasks", "aug", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        arc_synth.build_arc_synth(args.out, train_tasks=args.train_tasks, heldout_tasks=args.heldout_tasks,
+                                  validation_tasks=args.validation_tasks, aug=args.aug, seed=args.seed, canvas=args.canvas,
+                                  min_side=args.min_side, max_side=args.max_side)
+        _report_written(args.out, started)
+        print(f"held-out tasks (Kaggle layout, for python -m trm.adapt --tasks): {args.out / arc_synth.HELDOUT_DIR}")
+
+    parser.set_defaults(run=run)
+
+
 def _add_maze_csv_importer(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("import-maze-csv", help="convert the reference's maze CSVs (source,question,answer,rating)")
     _add_out(parser)
@@ -279,6 +307,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_maze_builder(builders)
     _add_arc_builder(builders, "arc1")
     _add_arc_builder(builders, "arc2")
+    _add_arc_synth_builder(builders)
     _add_sudoku_csv_importer(commands)
     _add_maze_csv_importer(commands)
     _add_inspect(commands)

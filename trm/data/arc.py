@@ -219,35 +219,45 @@ def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
 # Encoding
 
 
-def encode_grid(grid: np.ndarray) -> np.ndarray:
-    """Tokens [900] uint8 of one grid (top-left, colours + 2, EOS row below and column right)."""
-    canvas = np.zeros((1, GRID_SIZE, GRID_SIZE), np.uint8)
-    _encode_into(canvas, np.asarray(grid, dtype=np.uint8)[None])
-    return canvas.reshape(SEQ_LEN)
+def encode_grid(grid: np.ndarray, canvas: int = GRID_SIZE) -> np.ndarray:
+    """Tokens [canvas**2] uint8 of one grid (top-left, colours + 2, EOS row below and column right)."""
+    out = np.zeros((1, canvas, canvas), np.uint8)
+    _encode_into(out, np.asarray(grid, dtype=np.uint8)[None])
+    return out.reshape(canvas * canvas)
 
 
 def _encode_into(canvas: np.ndarray, grids: np.ndarray) -> None:
-    """Write grids [n, h, w] into zeroed canvases [n, 30, 30] (in place)."""
+    """Write grids [n, h, w] into zeroed canvases [n, C, C] (in place; C = 30 for ARC)."""
     h, w = grids.shape[-2:]
     canvas[:, :h, :w] = grids + COLOUR_OFFSET
-    if h < GRID_SIZE:
+    if h < canvas.shape[-2]:
         canvas[:, h, :w] = EOS_TOKEN
-    if w < GRID_SIZE:
+    if w < canvas.shape[-1]:
         canvas[:, :h, w] = EOS_TOKEN
 
 
+def canvas_side(seq_len: int) -> int:
+    """Side C of a square canvas of ``seq_len = C * C`` tokens (ValueError otherwise, or C > 30)."""
+    side = int(round(seq_len ** 0.5))
+    if side * side != seq_len or not 1 <= side <= GRID_SIZE:
+        raise ValueError(f"{seq_len} tokens are not a square canvas of side 1-{GRID_SIZE}")
+    return side
+
+
 def decode_grid(tokens: np.ndarray) -> np.ndarray:
-    """Crop a canvas of tokens ([900] or [30, 30]) to its grid of colours (uint8 [h, w]).
+    """Crop a canvas of tokens ([900] or [30, 30]; any square canvas [C * C]) to its grid of
+    colours (uint8 [h, w]).
 
     The grid is the largest-area rectangle anchored at the top-left whose cells are all colour
     tokens (2-11); the first row/column holding anything else (EOS, PAD) ends it. An empty
     array [0, 0] means the canvas does not start with a colour.
     """
-    canvas = np.asarray(tokens).reshape(GRID_SIZE, GRID_SIZE)
+    side = canvas_side(np.asarray(tokens).size)
+    canvas = np.asarray(tokens).reshape(side, side)
     colour = (canvas >= COLOUR_OFFSET) & (canvas < VOCAB_SIZE)
-    run = np.where(colour.all(axis=1), GRID_SIZE, np.argmin(colour, axis=1))  # colour run from column 0, per row
+    run = np.where(colour.all(axis=1), side, np.argmin(colour, axis=1))  # colour run from column 0, per row
     widths = np.minimum.accumulate(run)
-    areas = widths * np.arange(1, GRID_SIZE + 1)
+    areas = widths * np.arange(1, side + 1)
     rows = int(np.argmax(areas)) + 1
     if areas[rows - 1] == 0:
         return np.zeros((0, 0), np.uint8)
@@ -345,12 +355,12 @@ class _Plan:
     test_pairs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
 
 
-def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
+def _fill_split(plans: list[_Plan], which: str, canvas: int = GRID_SIZE) -> dict[str, np.ndarray]:
     """Arrays of one split: per task (group), per version (puzzle), its pairs (examples)."""
     active = [p for p in plans if getattr(p, which)]
     num_examples = sum(len(p.versions) * len(getattr(p, which)) for p in active)
-    inputs = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
-    labels = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
+    inputs = np.zeros((num_examples, canvas, canvas), np.uint8)
+    labels = np.zeros((num_examples, canvas, canvas), np.uint8)
     identifiers, puzzle_indices, group_indices = [], [0], [0]
     row = 0
     for plan in active:
@@ -366,7 +376,7 @@ def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
                     if grid is None:
                         continue  # unknown test output: all-PAD label (ignored)
                     moved = dihedral(grid, int(t))
-                    block = np.zeros((len(chosen), GRID_SIZE, GRID_SIZE), np.uint8)
+                    block = np.zeros((len(chosen), canvas, canvas), np.uint8)
                     _encode_into(block, colours[chosen][:, moved])
                     target[rows] = block
         identifiers.extend(range(plan.first_identifier, plan.first_identifier + n_versions))
@@ -374,8 +384,8 @@ def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
         row += n_versions * n_pairs
         group_indices.append(len(identifiers))
     return {
-        "inputs": inputs.reshape(num_examples, SEQ_LEN),
-        "labels": labels.reshape(num_examples, SEQ_LEN),
+        "inputs": inputs.reshape(num_examples, canvas * canvas),
+        "labels": labels.reshape(num_examples, canvas * canvas),
         "puzzle_identifiers": np.array(identifiers, np.int32),
         "puzzle_indices": np.array(puzzle_indices, np.int32),
         "group_indices": np.array(group_indices, np.int32),
@@ -390,13 +400,20 @@ def build_arc_dataset(
     seed: int = 0,
     eval_demos_in_train: bool = True,
     build_info: Mapping[str, Any] | None = None,
+    canvas: int = GRID_SIZE,
 ) -> None:
     """Write an ARC dataset in the reference layout (see the module docstring); deterministic.
 
     ``train_tasks`` contribute all their pairs to the train split; ``eval_tasks`` their test
     pairs to the test split and (with ``eval_demos_in_train``) their demonstrations to the train
     split. Every task gets the original plus up to ``aug`` distinct augmented versions.
+    ``canvas`` is the side of the token canvas (30 for ARC; smaller for synthetic tasks of small
+    grids, ``trm.data.arc_synth``): seq_len = canvas ** 2, every grid must fit in it.
     """
+    canvas_side(canvas * canvas)
+    too_big = next((t.task_id for t in (*train_tasks, *eval_tasks) if any(max(g.shape) > canvas for g in t.grids())), None)
+    if too_big is not None:
+        raise DatasetError(f"task {too_big} has a grid larger than the {canvas}x{canvas} canvas")
     if isinstance(aug, bool) or not isinstance(aug, (int, np.integer)) or aug < 0:
         raise ValueError(f"aug must be an integer >= 0, got {aug!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -434,8 +451,8 @@ def build_arc_dataset(
     }
     (out_dir / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
     for split, which in (("test", "test_pairs"), ("train", "train_pairs")):
-        arrays = {"all": _fill_split(plans, which)}
-        metadata = DatasetMetadata.from_arrays(arrays, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, num_puzzle_identifiers=len(names))
+        arrays = {"all": _fill_split(plans, which, canvas)}
+        metadata = DatasetMetadata.from_arrays(arrays, vocab_size=VOCAB_SIZE, seq_len=canvas * canvas, num_puzzle_identifiers=len(names))
         write_split(out_dir, split, metadata, arrays)
 
 
