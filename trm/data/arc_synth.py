@@ -69,7 +69,7 @@ HELDOUT_KIND_PAIRS = frozenset({
 TILES = ((1, 2), (2, 1), (2, 2))
 PROBE_SEED = 20251201
 PROBES = 24
-MAX_DRAWS = 200
+MAX_DRAWS = 500
 
 
 Step = tuple  # (kind, *params), JSON-friendly
@@ -82,13 +82,13 @@ class SynthError(DatasetError):
 # ----------------------------------------------------------------------------------- primitives
 def _gravity(grid: np.ndarray, direction: int) -> np.ndarray:
     """Non-black cells slide towards edge ``direction`` (0 down, 1 up, 2 left, 3 right)."""
-    moved = np.rot90(grid, k={0: 0, 1: 2, 2: 3, 3: 1}[direction])  # bring that edge to the bottom
+    moved = np.rot90(grid, k={0: 0, 1: 2, 2: 1, 3: 3}[direction])  # bring that edge to the bottom
     out = np.zeros_like(moved)
     for c in range(moved.shape[1]):
         column = moved[:, c][moved[:, c] != 0]
         if len(column):
             out[-len(column):, c] = column
-    return np.rot90(out, k=-{0: 0, 1: 2, 2: 3, 3: 1}[direction])
+    return np.rot90(out, k=-{0: 0, 1: 2, 2: 1, 3: 3}[direction])
 
 
 def _largest_object(grid: np.ndarray, colour: int) -> np.ndarray:
@@ -258,10 +258,10 @@ def generate_tasks(train_tasks: int, heldout_tasks: int, validation_tasks: int =
     trained_pairs = [(a, b) for a in KINDS for b in KINDS if a != b and (a, b) not in HELDOUT_KIND_PAIRS]
 
     def draw(role: str, count: int, prefix: str) -> None:
-        made, tries = 0, 0
+        made, misses = 0, 0
         while made < count:
-            tries += 1
-            if tries > MAX_DRAWS * max(count, 1):
+            misses += 1
+            if misses > MAX_DRAWS:  # this many draws in a row gave no new program
                 raise SynthError(f"only {made} distinct {role} programs found of the {count} asked; ask for fewer tasks "
                                  f"or a larger canvas/max_side")
             if role == "heldout":
@@ -280,7 +280,7 @@ def generate_tasks(train_tasks: int, heldout_tasks: int, validation_tasks: int =
                 continue
             seen.add(key)
             out.append(task)
-            made += 1
+            made, misses = made + 1, 0
 
     draw("train", train_tasks, f"s{seed}t")
     draw("validation", validation_tasks, f"s{seed}v")
