@@ -62,6 +62,8 @@ class ServedModel:
         self.task: str | None = self.info.get("task")
         self.step = int(self.info["step"])
         self.max_steps = self.cfg.train.eval_halt_max_steps or self.cfg.model.halt_max_steps
+        self.task_rows = known_task_rows(self.cfg.data.path, self.num_puzzle_identifiers)
+        """Task id -> puzzle-embedding row of each original (un-augmented) task the model learned."""
 
     def describe(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -116,6 +118,19 @@ class ServedModel:
             batch = {k: v[keep] for k, v in batch.items()}
         return Solution(out_tokens.cpu().numpy(), out_steps.cpu().numpy(), out_conf.cpu().numpy(),
                         out_halted.cpu().numpy())
+
+
+def known_task_rows(data_path: str, rows: int) -> dict[str, int]:
+    """Task id -> row, from the run's ``identifiers.json`` (names of augmented versions, which
+    contain ``|||``, are left out); empty when the file is not there."""
+    from trm.data.arc import ID_SEPARATOR
+    from trm.data.format import DatasetError, load_identifiers
+
+    try:
+        names = load_identifiers(data_path)
+    except DatasetError:
+        return {}
+    return {name: i for i, name in enumerate(names[:rows]) if i > 0 and ID_SEPARATOR not in name and not name.startswith("<")}
 
 
 def set_kernels(name: str) -> str:
