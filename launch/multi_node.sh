@@ -76,8 +76,11 @@ for name in MASTER_ADDR MASTER_PORT NNODES NODE_RANK; do
   [[ -n "${!name:-}" ]] || missing+=("$name is not set: ${how_to_set[$name]}")
 done
 if ((${#missing[@]})); then
-  printf 'multi_node.sh: error: %s\n' "${missing[@]}" >&2
-  echo "multi_node.sh: (under SLURM these come from SLURM_JOB_NODELIST, SLURM_JOB_ID, SLURM_NNODES, SLURM_NODEID; see --help)" >&2
+  {
+    echo "multi_node.sh: error: the rendezvous is not fully set (under SLURM it comes from SLURM_JOB_NODELIST," \
+      "SLURM_JOB_ID, SLURM_NNODES and SLURM_NODEID; see --help):"
+    printf '  %s\n' "${missing[@]}"
+  } >&2
   exit 2
 fi
 

@@ -41,11 +41,12 @@ visible_gpu_count() {
 
 # run_command ARGV...: print "+ ARGV" (one line, shell-quoted), then exec it unless DRY_RUN is set.
 run_command() {
-  local quoted
+  local quoted dry=1
+  case "${DRY_RUN:-0}" in 0 | "" | false | no) dry="" ;; esac
+  [[ -n "$dry" ]] || command -v "$1" >/dev/null 2>&1 ||
+    die 2 "'$1' is not a command on this machine: set PYTHON (DEEPSPEED for deepspeed.sh) to one that is, e.g. PYTHON=.venv/bin/python"
   printf -v quoted '%q ' "$@"
   printf '+ %s\n' "${quoted% }"
-  case "${DRY_RUN:-0}" in
-    0 | "" | false | no) exec "$@" ;;
-    *) exit 0 ;;
-  esac
+  [[ -n "$dry" ]] && exit 0
+  exec "$@"
 }

