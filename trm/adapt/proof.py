@@ -54,7 +54,7 @@ REFERENCE_ARC1 = {"steps": 519_270, "batch": 768, "h100s": 4, "days": 3.0}
 """The reference's ARC-AGI-1 training (issue 15's schedule; ~3 days on 4 H100s): the anchor of the H100 estimate."""
 
 
-def time_published_size(config: str, batch: int = 2, steps: int = 3) -> dict:
+def time_published_size(config: str, batch: int = 1, steps: int = 2) -> dict:
     """Seconds per slot and supervision step (forward + backward, the adaptation's unit of work) of
     the recipe's model on this CPU, its FLOPs, and the H100 estimate anchored on the reference's
     ARC-AGI-1 training throughput (see the README section for the arithmetic)."""
