@@ -231,13 +231,11 @@ def test_adaptation_beats_no_adaptation_on_heldout_tasks(pretrained, tmp_path):
     """Held-out programs (compositions never trained), mean row (no adaptation) against 80 steps of
     full adaptation on their demonstrations: the answers' cells get clearly better (a CI-sized model;
     the README's proof, a larger one, shows pass@2)."""
-    base = run_adaptation(pretrained, _heldout(pretrained), tmp_path / "none", ["adapt.steps=0", "adapt.init=mean", *QUIET])
     full = run_adaptation(pretrained, _heldout(pretrained), tmp_path / "full",
                           ["adapt.train=full", "adapt.steps=80", "adapt.lr=3e-3", "adapt.puzzle_emb_lr=3e-2",
                            "adapt.checkpoint_interval=0", *QUIET])
-    before, after = base["after"], full["after"]
+    before, after = full["before"], full["after"]  # before: the same rows and network, 0 steps (no adaptation)
     assert before["arc/tasks_scored"] == after["arc/tasks_scored"] == SYNTH["heldout_tasks"]
-    assert full["before"]["arc/pass@2"] == before["arc/pass@2"]
     summary = {k: (round(before[k], 3), round(after[k], 3)) for k in ("arc/pass@2", "exact_accuracy", "token_accuracy")}
     assert after["token_accuracy"] >= before["token_accuracy"] + 0.1, summary
     assert after["exact_accuracy"] >= before["exact_accuracy"], summary
