@@ -28,6 +28,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from trm import cli
+from trm.cli import CommandError
+
 USAGE = "usage: python -m trm.adapt CHECKPOINT_OR_EXPORT --tasks SOURCE --out RUN_DIR [key=value ...]"
 
 
@@ -50,7 +53,7 @@ def parse_args(argv: list[str]) -> tuple[str, str, str, list[str]]:
                 elif i + 1 < len(argv):
                     value, i = argv[i + 1], i + 1
                 else:
-                    raise SystemExit(f"trm.adapt: error: {flag} needs a value. {USAGE}")
+                    raise CommandError(f"{flag} needs a value. {USAGE}")
                 if flag == "--tasks":
                     tasks = value
                 else:
@@ -62,28 +65,18 @@ def parse_args(argv: list[str]) -> tuple[str, str, str, list[str]]:
             elif source is None:
                 source = arg
             else:
-                raise SystemExit(f"trm.adapt: error: unexpected argument {arg!r}. {USAGE}")
+                raise CommandError(f"unexpected argument {arg!r}. {USAGE}")
         i += 1
     if source is None or tasks is None or out is None:
-        raise SystemExit(f"trm.adapt: error: the model, --tasks and --out are required. {USAGE}")
+        raise CommandError(f"the model, --tasks and --out are required. {USAGE}")
     return source, tasks, out, overrides
 
 
-@record
-def main(argv: list[str] | None = None) -> int:
-    from trm.adapt import AdaptError, run_adaptation
-    from trm.config import ConfigError
-    from trm.data.format import DatasetError
-    from trm.train.checkpoint import CheckpointError
-    from trm.train.trainer import NonFiniteLossError
+def _main(argv: list[str]) -> int:
+    from trm.adapt import run_adaptation
 
-    source, tasks, out, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        results = run_adaptation(source, tasks, out, overrides)
-    except (AdaptError, ConfigError, DatasetError, CheckpointError, NonFiniteLossError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"trm.adapt: error: {err}", file=sys.stderr)
-        return 2
+    source, tasks, out, overrides = parse_args(argv)
+    results = run_adaptation(source, tasks, out, overrides)
     if os.environ.get("RANK", "0") == "0":
         before, after = results["before"], results["after"]
         for name in sorted(k for k in after if k.startswith("arc/pass@")):
@@ -92,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: results[k] for k in ("steps", "new_rows", "seconds")}) +
               (f"\nsubmission: {results['submission']}" if "submission" in results else ""))
     return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """Errors (bad arguments, model, tasks, config) are one paragraph ``trm.adapt: error: ...``, exit 2."""
+    return cli.run("trm.adapt", _main, argv, interrupted="run the same command again: it resumes from the newest checkpoint")
 
 
 if __name__ == "__main__":
