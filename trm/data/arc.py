@@ -249,51 +249,62 @@ def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
 # Encoding
 
 
-def encode_grid(grid: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Tokens [900] uint8 of one grid placed at ``offset`` (row, column; default the top-left
-    corner): colours + 2, EOS on the row below and the column right of it where they fit."""
-    canvas = np.zeros((1, GRID_SIZE, GRID_SIZE), np.uint8)
+def encode_grid(grid: np.ndarray, offset: tuple[int, int] = (0, 0), canvas: int = GRID_SIZE) -> np.ndarray:
+    """Tokens [canvas**2] (900 for ARC) uint8 of one grid placed at ``offset`` (row, column; default
+    the top-left corner): colours + 2, EOS on the row below and the column right of it where they fit."""
+    out = np.zeros((1, canvas, canvas), np.uint8)
     grid = np.asarray(grid, dtype=np.uint8)
     r, c = (int(x) for x in offset)
-    if not (0 <= r <= GRID_SIZE - grid.shape[0] and 0 <= c <= GRID_SIZE - grid.shape[1]):
-        raise ValueError(f"a {grid.shape[0]}x{grid.shape[1]} grid does not fit the {GRID_SIZE}x{GRID_SIZE} canvas at offset {offset}")
-    _encode_into(canvas, grid[None], np.array([r]), np.array([c]))
-    return canvas.reshape(SEQ_LEN)
+    if not (0 <= r <= canvas - grid.shape[0] and 0 <= c <= canvas - grid.shape[1]):
+        raise ValueError(f"a {grid.shape[0]}x{grid.shape[1]} grid does not fit the {canvas}x{canvas} canvas at offset {offset}")
+    _encode_into(out, grid[None], np.array([r]), np.array([c]))
+    return out.reshape(canvas * canvas)
 
 
 def _encode_into(canvas: np.ndarray, grids: np.ndarray, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
-    """Write grids [n, h, w] into zeroed canvases [n, 30, 30] (in place), grid ``i`` with its
-    top-left cell at (rows[i], cols[i]) (default: every grid at the top-left corner)."""
+    """Write grids [n, h, w] into zeroed canvases [n, C, C] (in place; C = 30 for ARC), grid ``i``
+    with its top-left cell at (rows[i], cols[i]) (default: every grid at the top-left corner)."""
     n, h, w = grids.shape
+    side = canvas.shape[-1]
     if rows is None or cols is None or not (np.any(rows) or np.any(cols)):
         canvas[:, :h, :w] = grids + COLOUR_OFFSET
-        if h < GRID_SIZE:
+        if h < side:
             canvas[:, h, :w] = EOS_TOKEN
-        if w < GRID_SIZE:
+        if w < side:
             canvas[:, :h, w] = EOS_TOKEN
         return
     rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
     row_span = rows[:, None] + np.arange(h)  # [n, h]
     col_span = cols[:, None] + np.arange(w)  # [n, w]
     canvas[np.arange(n)[:, None, None], row_span[:, :, None], col_span[:, None, :]] = grids + COLOUR_OFFSET
-    below = np.flatnonzero(rows + h < GRID_SIZE)
+    below = np.flatnonzero(rows + h < side)
     canvas[below[:, None], (rows[below] + h)[:, None], col_span[below]] = EOS_TOKEN
-    right = np.flatnonzero(cols + w < GRID_SIZE)
+    right = np.flatnonzero(cols + w < side)
     canvas[right[:, None], row_span[right], (cols[right] + w)[:, None]] = EOS_TOKEN
 
 
+def canvas_side(seq_len: int) -> int:
+    """Side C of a square canvas of ``seq_len = C * C`` tokens (ValueError otherwise, or C > 30)."""
+    side = int(round(seq_len ** 0.5))
+    if side * side != seq_len or not 1 <= side <= GRID_SIZE:
+        raise ValueError(f"{seq_len} tokens are not a square canvas of side 1-{GRID_SIZE}")
+    return side
+
+
 def decode_grid(tokens: np.ndarray) -> np.ndarray:
-    """Crop a canvas of tokens ([900] or [30, 30]) to its grid of colours (uint8 [h, w]).
+    """Crop a canvas of tokens ([900] or [30, 30]; any square canvas [C * C]) to its grid of
+    colours (uint8 [h, w]).
 
     The grid is the largest-area rectangle anchored at the top-left whose cells are all colour
     tokens (2-11); the first row/column holding anything else (EOS, PAD) ends it. An empty
     array [0, 0] means the canvas does not start with a colour.
     """
-    canvas = np.asarray(tokens).reshape(GRID_SIZE, GRID_SIZE)
+    side = canvas_side(np.asarray(tokens).size)
+    canvas = np.asarray(tokens).reshape(side, side)
     colour = (canvas >= COLOUR_OFFSET) & (canvas < VOCAB_SIZE)
-    run = np.where(colour.all(axis=1), GRID_SIZE, np.argmin(colour, axis=1))  # colour run from column 0, per row
+    run = np.where(colour.all(axis=1), side, np.argmin(colour, axis=1))  # colour run from column 0, per row
     widths = np.minimum.accumulate(run)
-    areas = widths * np.arange(1, GRID_SIZE + 1)
+    areas = widths * np.arange(1, side + 1)
     rows = int(np.argmax(areas)) + 1
     if areas[rows - 1] == 0:
         return np.zeros((0, 0), np.uint8)
@@ -391,7 +402,7 @@ def choose_versions(task: ArcTask, aug: int, seed: int) -> list[tuple[int, np.nd
 
 
 def translation_plan(task_id: str, versions: Sequence[tuple[int, np.ndarray]], pairs: Sequence[tuple[np.ndarray, np.ndarray | None]],
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+                     seed: int, canvas: int = GRID_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """Where each training example of each version of a task lies on the canvas (the reference's
     translational augmentation): ``(unshifted [V], offsets [V, P, 2])`` for V versions and P pairs.
 
@@ -411,7 +422,7 @@ def translation_plan(task_id: str, versions: Sequence[tuple[int, np.ndarray]], p
     rng = _task_seed(seed, task_id, TRANSLATE_STREAM)
     unshifted = rng.integers(num_pairs, size=num_versions)
     uniforms = rng.random((num_versions, num_pairs, 2))
-    offsets = np.minimum((uniforms * (GRID_SIZE - extent_v + 1)).astype(np.int64), GRID_SIZE - extent_v)
+    offsets = np.minimum((uniforms * (canvas - extent_v + 1)).astype(np.int64), canvas - extent_v)
     offsets[np.arange(num_versions), unshifted] = 0
     return unshifted.astype(np.int64), offsets
 
@@ -433,13 +444,13 @@ class _Plan:
     """[versions, train pairs, 2] canvas offsets of the train split's examples (None: all at the corner)."""
 
 
-def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
+def _fill_split(plans: list[_Plan], which: str, canvas: int = GRID_SIZE) -> dict[str, np.ndarray]:
     """Arrays of one split: per task (group), per version (puzzle), its pairs (examples), each at
     its plan's offset (train split) or at the top-left corner."""
     active = [p for p in plans if getattr(p, which)]
     num_examples = sum(len(p.versions) * len(getattr(p, which)) for p in active)
-    inputs = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
-    labels = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
+    inputs = np.zeros((num_examples, canvas, canvas), np.uint8)
+    labels = np.zeros((num_examples, canvas, canvas), np.uint8)
     identifiers, puzzle_indices, group_indices = [], [0], [0]
     row = 0
     for plan in active:
@@ -457,7 +468,7 @@ def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
                     if grid is None:
                         continue  # unknown test output: all-PAD label (ignored)
                     moved = dihedral(grid, int(t))
-                    block = np.zeros((len(chosen), GRID_SIZE, GRID_SIZE), np.uint8)
+                    block = np.zeros((len(chosen), canvas, canvas), np.uint8)
                     _encode_into(block, colours[chosen][:, moved], *at)
                     target[rows] = block
         identifiers.extend(range(plan.first_identifier, plan.first_identifier + n_versions))
@@ -465,8 +476,8 @@ def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
         row += n_versions * n_pairs
         group_indices.append(len(identifiers))
     return {
-        "inputs": inputs.reshape(num_examples, SEQ_LEN),
-        "labels": labels.reshape(num_examples, SEQ_LEN),
+        "inputs": inputs.reshape(num_examples, canvas * canvas),
+        "labels": labels.reshape(num_examples, canvas * canvas),
         "puzzle_identifiers": np.array(identifiers, np.int32),
         "puzzle_indices": np.array(puzzle_indices, np.int32),
         "group_indices": np.array(group_indices, np.int32),
@@ -482,6 +493,7 @@ def build_arc_dataset(
     eval_demos_in_train: bool = True,
     build_info: Mapping[str, Any] | None = None,
     translate: bool = True,
+    canvas: int = GRID_SIZE,
 ) -> None:
     """Write an ARC dataset in the reference layout (see the module docstring); deterministic.
 
@@ -490,7 +502,13 @@ def build_arc_dataset(
     demonstrations to the train split. Every task gets the original plus up to ``aug`` distinct
     augmented versions; with ``translate`` the train split's examples are placed by
     :func:`translation_plan` (the reference's rule), else all at the top-left corner.
+    ``canvas`` is the side of the token canvas (30 for ARC; smaller for synthetic tasks of small
+    grids, ``trm.data.arc_synth``): seq_len = canvas ** 2, every grid must fit in it.
     """
+    canvas_side(canvas * canvas)
+    too_big = next((t.task_id for t in (*train_tasks, *eval_tasks) if any(max(g.shape) > canvas for g in t.grids())), None)
+    if too_big is not None:
+        raise DatasetError(f"task {too_big} has a grid larger than the {canvas}x{canvas} canvas")
     if isinstance(aug, bool) or not isinstance(aug, (int, np.integer)) or aug < 0:
         raise ValueError(f"aug must be an integer >= 0, got {aug!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -517,7 +535,7 @@ def build_arc_dataset(
         else:
             plan.train_pairs = list(task.train) + list(task.test)
         if translate:
-            plan.train_offsets = translation_plan(task.task_id, versions, plan.train_pairs, seed)[1]
+            plan.train_offsets = translation_plan(task.task_id, versions, plan.train_pairs, seed, canvas)[1]
         plans.append(plan)
 
     out_dir = Path(out_dir)
@@ -526,12 +544,13 @@ def build_arc_dataset(
     info = {
         **(build_info or {}),
         "aug": int(aug), "seed": int(seed), "eval_demos_in_train": bool(eval_demos_in_train), "translate": bool(translate),
+        "canvas": int(canvas),
         "train_tasks": len(train_tasks), "eval_tasks": len(eval_tasks), "identifiers": len(names),
     }
     (out_dir / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
     for split, which in (("test", "test_pairs"), ("train", "train_pairs")):
-        arrays = {"all": _fill_split(plans, which)}
-        metadata = DatasetMetadata.from_arrays(arrays, vocab_size=VOCAB_SIZE, seq_len=SEQ_LEN, num_puzzle_identifiers=len(names))
+        arrays = {"all": _fill_split(plans, which, canvas)}
+        metadata = DatasetMetadata.from_arrays(arrays, vocab_size=VOCAB_SIZE, seq_len=canvas * canvas, num_puzzle_identifiers=len(names))
         write_split(out_dir, split, metadata, arrays)
 
 

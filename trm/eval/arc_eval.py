@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from trm.config import ConfigError
-from trm.data.arc import BUILD_INFO_FILE, SEQ_LEN, TEST_PUZZLES_FILE, VOCAB_SIZE
+from trm.data.arc import BUILD_INFO_FILE, TEST_PUZZLES_FILE, VOCAB_SIZE, canvas_side
 from trm.data.format import DatasetError
 from trm.eval.arc_vote import PASS_KS, ArcEvalSet, ArcVoter
 from trm.train.distributed import all_gather_cat, all_reduce_sum
@@ -81,7 +81,11 @@ class ArcEvaluation:
         if root is None or not is_arc_dataset(root):
             return None
         meta = base.eval.metadata
-        if (meta.seq_len, meta.vocab_size) != (SEQ_LEN, VOCAB_SIZE):
+        if meta.vocab_size != VOCAB_SIZE:
+            return None
+        try:
+            canvas_side(meta.seq_len)  # 30x30 for ARC, smaller for arc-synth
+        except ValueError:
             return None
         split = cfg.data.eval_split
         try:

@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from trm.data.arc import GRID_SIZE, NUM_COLOURS, SEQ_LEN, TEST_PUZZLES_FILE, as_grid, decode_grid, invert_grid, parse_version_name
+from trm.data.arc import GRID_SIZE, NUM_COLOURS, SEQ_LEN, TEST_PUZZLES_FILE, as_grid, canvas_side, decode_grid, invert_grid, parse_version_name
 from trm.data.format import DatasetError, load_identifiers, load_split
 
 
@@ -188,8 +188,9 @@ class ArcVoter:
         q = _numpy(q_halt_logits).reshape(-1).astype(np.float64)
         if preds.ndim == 3:
             preds = preds.reshape(len(preds), -1)
-        if preds.ndim != 2 or preds.shape[1] != SEQ_LEN or not (len(preds) == len(indices) == len(q)):
-            raise ValueError(f"add(): need example_indices [B], predictions [B, {SEQ_LEN}] and q_halt_logits [B]; "
+        square = preds.ndim == 2 and _is_square_canvas(preds.shape[1])  # 900 for ARC; smaller for arc-synth
+        if not square or not (len(preds) == len(indices) == len(q)):
+            raise ValueError(f"add(): need example_indices [B], predictions [B, {SEQ_LEN}] (or a smaller square canvas) and q_halt_logits [B]; "
                              f"got {list(indices.shape)}, {list(_numpy(predictions).shape)}, {list(q.shape)}")
         if len(indices) and (not np.issubdtype(indices.dtype, np.integer) or indices.min() < 0 or indices.max() >= self.eval_set.num_examples):
             raise ValueError(f"add(): example indices must be integers in [0, {self.eval_set.num_examples})")
@@ -286,6 +287,14 @@ class ArcVoter:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(submission))
         return submission
+
+
+def _is_square_canvas(seq_len: int) -> bool:
+    try:
+        canvas_side(seq_len)
+    except ValueError:
+        return False
+    return True
 
 
 def _numpy(array: Any) -> np.ndarray:

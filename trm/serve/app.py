@@ -9,6 +9,7 @@ Routes::
     POST /v1/solve     {"task": "sudoku", "grid": GRID}            -> one answer
                        {"task": "sudoku", "grids": [GRID, ...]}    -> {"results": [...]}
                        optional "puzzle_id": int (row of the puzzle-embedding table; default 0)
+                       ARC: "task_id": the task's id (its row); an unknown task is a 404 naming trm.adapt
                        optional "trace": true -> each answer also has "trace": the grid and the
                        halting confidence after every supervision step it ran
     GET  /v1/examples/N   held-out example N of the run's evaluation split (input, solution, puzzle_id)
@@ -21,7 +22,8 @@ The OpenAPI schema (``/openapi.json``, browsable at ``/docs``) documents the req
 replies from the pydantic models below.
 
 Every failure is a JSON reply ``{"error": {"status": S, "message": "..."}}``: 400 unreadable
-body, 401 missing/wrong token, 404/405 unknown route/method, 413 body or grid count over the
+body, 401 missing/wrong token, 404/405 unknown route/method (404 also: an ARC task_id the model
+never learned), 413 body or grid count over the
 limit, 422 a request that parses but does not fit the model (task, shape, values, puzzle_id) or has
 no solution (contradictory Sudoku givens; a maze without one start and one goal joined by a path),
 503 no model loaded yet, 500 an internal failure (logged; the service keeps running).
@@ -90,6 +92,8 @@ class SolveRequest(BaseModel):
                                        json_schema_extra=_list_of_grids)
     puzzle_id: StrictInt = Field(0, description="row of the puzzle-embedding table (0 = blank / unseen puzzle); "
                                                 "GET /v1/examples/N gives a held-out example's")
+    task_id: Optional[StrictStr] = Field(None, description="arc: the task's id (its puzzle-embedding row); a task "
+                                                           "the model never learned is a 404 naming trm.adapt")
     trace: StrictBool = Field(False, description="also return the predicted grid and the halting confidence after "
                                                  "every supervision step")
 
@@ -189,6 +193,28 @@ def _parse_request(data: Any) -> SolveRequest:
         more = f" (and {err.error_count() - 1} more problem(s))" if err.error_count() > 1 else ""
         raise RequestError(f"Field '{where}': {first['msg']}{more}. Fields: task (string), grid or grids, "
                            f"optional puzzle_id (integer), optional trace (boolean).") from None
+
+
+ADAPT_HINT = ("A TRM knows an ARC task only through the puzzle-embedding row it learned for it: adapt the model to "
+              "new tasks with `python -m trm.adapt {run} --tasks TASKS_challenges.json --out NEW_RUN`, then serve NEW_RUN "
+              "and name the task with \"task_id\".")
+
+
+def _arc_task_row(model: Any, req: SolveRequest) -> int:
+    """The row of the ARC task a request names (``task_id``, or an explicit ``puzzle_id`` > 0);
+    a task the model never learned is a 404 pointing at ``trm.adapt``."""
+    hint = ADAPT_HINT.format(run=model.cfg.run_dir)
+    if req.task_id is None:
+        if req.puzzle_id > 0:
+            return req.puzzle_id
+        raise RequestError(f"Name the ARC task: send \"task_id\" (one of the {len(model.task_rows)} tasks this model "
+                           f"learned) or \"puzzle_id\". Without it the model sees the blank row and cannot solve the task. "
+                           + hint)
+    if req.task_id not in model.task_rows:
+        known = ", ".join(sorted(model.task_rows)[:5]) or "none found next to the model"
+        raise RequestError(f"ARC task '{req.task_id[:64]}' is unknown to this model (it learned {len(model.task_rows)} "
+                           f"tasks, e.g. {known}). " + hint, 404)
+    return model.task_rows[req.task_id]
 
 
 def create_app(slot: ModelSlot, batcher: Batcher, token: str | None = None, limits: Limits | None = None) -> FastAPI:
@@ -292,6 +318,8 @@ def create_app(slot: ModelSlot, batcher: Batcher, token: str | None = None, limi
         if not 0 <= req.puzzle_id < model.num_puzzle_identifiers:
             raise RequestError(f"puzzle_id {req.puzzle_id} is out of range: this model knows puzzle ids "
                                f"0-{model.num_puzzle_identifiers - 1} (0 = blank / unseen puzzle).")
+        if req.task == "arc" and model.num_puzzle_identifiers > 1:
+            req.puzzle_id = _arc_task_row(model, req)
         names = ["grid"] if req.grids is None else [f"grids[{i}]" for i in range(len(grids))]
         tokens = np.stack([codec.encode(g, model.seq_len, name) for g, name in zip(grids, names)])
         puzzle_ids = np.full(len(grids), req.puzzle_id, dtype=np.int32)

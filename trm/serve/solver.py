@@ -103,6 +103,8 @@ class ServedModel:
         labels[labels == split.metadata.ignore_label_id] = 0
         puzzle_id = int(split.example_puzzle_identifier(np.array([index]))[0])
         return np.array(split.inputs[index], dtype=np.int64), labels, puzzle_id, split.num_examples
+        self.task_rows = known_task_rows(self.cfg.data.path, self.num_puzzle_identifiers)
+        """Task id -> puzzle-embedding row of each original (un-augmented) task the model learned."""
 
     def describe(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -166,6 +168,19 @@ class ServedModel:
         if trace:
             solution.trace_tokens, solution.trace_confidence = trace_tokens.cpu().numpy(), trace_conf.cpu().numpy()
         return solution
+
+
+def known_task_rows(data_path: str, rows: int) -> dict[str, int]:
+    """Task id -> row, from the run's ``identifiers.json`` (names of augmented versions, which
+    contain ``|||``, are left out); empty when the file is not there."""
+    from trm.data.arc import ID_SEPARATOR
+    from trm.data.format import DatasetError, load_identifiers
+
+    try:
+        names = load_identifiers(data_path)
+    except DatasetError:
+        return {}
+    return {name: i for i, name in enumerate(names[:rows]) if i > 0 and ID_SEPARATOR not in name and not name.startswith("<")}
 
 
 def set_kernels(name: str) -> str:

@@ -14,7 +14,8 @@ Token layouts and constants come from the dataset builders (``trm.data.sudoku``,
   strings of 30 characters from ``# SG`` (walls, open cells, start, goal) with exactly one start
   and one goal, the goal reachable from the start through open cells (else 422 naming the cells).
   The answer marks the predicted path with ``o`` (``?`` where the model predicted padding).
-- ``arc``: up to 30 x 30, pad 0, end marker 1, colour c -> c + 2 (vocab 12, seq_len 900). A grid
+- ``arc``: up to 30 x 30, pad 0, end marker 1, colour c -> c + 2 (vocab 12, seq_len 900; a C x C
+  canvas, seq_len C * C, for models of smaller ARC-like tasks such as ``trm.data.arc_synth``). A grid
   is 1-30 lists of equally many integers 0-9, placed top-left; end markers fill the row below and
   the column right of it. The answer is the largest top-left rectangle of predicted colours.
 
@@ -214,13 +215,22 @@ ARC_HINT = f"1-{arc_data.GRID_SIZE} lists of equally many (1-{arc_data.GRID_SIZE
 
 
 def _arc_encode(grid: Any, seq_len: int, what: str) -> np.ndarray:
-    rows = _int_rows(grid, what, ARC_HINT, arc_data.GRID_SIZE, exact=False, values=range(10), kind="ARC colours")
-    return arc_data.encode_grid(np.array(rows, dtype=np.uint8)).astype(np.int32)
+    side = arc_data.canvas_side(seq_len)  # 30 for ARC; smaller for models of arc-synth tasks
+    hint = ARC_HINT if side == arc_data.GRID_SIZE else ARC_HINT.replace(str(arc_data.GRID_SIZE), str(side))
+    rows = _int_rows(grid, what, hint, side, exact=False, values=range(10), kind="ARC colours")
+    return arc_data.encode_grid(np.array(rows, dtype=np.uint8), canvas=side).astype(np.int32)
+
+
+def _arc_fits(seq_len: int, vocab_size: int) -> bool:
+    try:
+        arc_data.canvas_side(seq_len)
+    except ValueError:
+        return False
+    return vocab_size == arc_data.VOCAB_SIZE
 
 
 def _arc_decode(tokens: np.ndarray) -> list[list[int]]:
     return arc_data.decode_grid(tokens).astype(int).tolist()
 
 
-register_task(TaskCodec("arc", lambda s, v: (s, v) == (arc_data.SEQ_LEN, arc_data.VOCAB_SIZE),
-                        _arc_encode, _arc_decode))
+register_task(TaskCodec("arc", _arc_fits, _arc_encode, _arc_decode))

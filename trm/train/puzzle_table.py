@@ -69,3 +69,31 @@ class ShardedPuzzleTable:
                 covered += hi - lo
         if covered != self.hi - self.lo:
             raise ValueError(f"the checkpoint's shards cover {covered} of this rank's {self.hi - self.lo} rows")
+
+
+GROWTH_INITS = ("zeros", "mean", "blank")
+"""How :func:`grow_table` initialises new rows (``adapt.init``)."""
+
+
+def grow_table(table: torch.Tensor, new_rows: int, init: str = "mean", blank_row: int = 0) -> torch.Tensor:
+    """The table [N, E] with ``new_rows`` rows appended: [N + new_rows, E].
+
+    Rows ``0..N-1`` are copied bit for bit (the trained rows); the new ones are ``zeros`` (the
+    reference's initialisation of every row), the ``mean`` of the trained rows other than the
+    blank one (the typical puzzle; zeros when there is no other row), or a copy of the ``blank``
+    row (what an unknown puzzle is looked up as).
+    """
+    if init not in GROWTH_INITS:
+        raise ValueError(f"unknown puzzle-row init {init!r}; choose one of {', '.join(GROWTH_INITS)}")
+    if new_rows < 0:
+        raise ValueError(f"new_rows must be >= 0, got {new_rows}")
+    num_rows, dim = table.shape
+    grown = table.new_zeros((num_rows + new_rows, dim))
+    grown[:num_rows] = table
+    if new_rows and init == "mean":
+        trained = torch.cat([table[:blank_row], table[blank_row + 1:]])
+        if len(trained):
+            grown[num_rows:] = trained.mean(dim=0, dtype=torch.float64).to(table.dtype)
+    elif new_rows and init == "blank":
+        grown[num_rows:] = table[blank_row]
+    return grown
