@@ -29,6 +29,71 @@ TINY_MODEL = {
 }
 
 
+# ---------------------------------------------------------------------------------------------
+# One seeded RNG per test, the seed printed on failure
+# ---------------------------------------------------------------------------------------------
+
+SEED_VARIABLE = "TRM_TEST_SEED"
+_SEEDS = pytest.StashKey[dict]()
+
+
+def seed_for(name: str) -> int:
+    """The seed of test (or fixture) ``name``: a stable hash of the name, so every run draws the same
+    inputs; ``TRM_TEST_SEED=N`` replaces it (to reproduce a failure), ``TRM_TEST_SEED=random``
+    draws a fresh one (to explore). Failures print the seeds they used."""
+    import random
+    import zlib
+
+    chosen = os.environ.get(SEED_VARIABLE, "")
+    if chosen == "random":
+        return random.SystemRandom().randrange(2**31)
+    if chosen:
+        return int(chosen)
+    return zlib.crc32(name.encode()) % 2**31
+
+
+def record_seed(node, label: str, value: int) -> None:
+    """Note a seed that ``node`` (a test, or the module of a module-scoped fixture) used."""
+    node.stash.setdefault(_SEEDS, {})[label] = value
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request) -> int:
+    """Seeds torch's, numpy's and Python's global generators for this test (so a test's every draw
+    comes from one seed) and returns the seed; a failing test's report names it."""
+    import random
+
+    import numpy as np
+
+    seed = seed_for(request.node.nodeid)
+    record_seed(request.node, "test", seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.fixture
+def rng(test_seed):
+    """A numpy Generator seeded with this test's seed."""
+    import numpy as np
+
+    return np.random.default_rng(test_seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        module = item.getparent(pytest.Module)
+        seeds = {**(module.stash.get(_SEEDS, {}) if module else {}), **item.stash.get(_SEEDS, {})}
+        if seeds:
+            used = ", ".join(f"{label} {value}" for label, value in seeds.items())
+            report.sections.append(("seeds", f"seeds used: {used}; rerun with {SEED_VARIABLE}=<seed> "
+                                             f"to draw the same inputs"))
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -112,12 +177,12 @@ def kill_at_checkpoint(cfg: Path, run_dir: Path, step: int, deadline_s: float = 
 
     proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + deadline_s
+    deadline = time.monotonic() + deadline_s
     try:
         while not ckpt.is_complete(ckpt.step_dir(run_dir, step)):
             assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.005)
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.02)  # the run has several steps left after it: polling leaves it the CPU
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

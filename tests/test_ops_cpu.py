@@ -9,8 +9,8 @@ the max error of the plain PyTorch implementation run at the same precision (for
 bfloat16 that is the formula evaluated in that dtype; for float32, ``trm.ops.reference``); NaN
 never passes. The floor is one ulp of the output dtype at the output's scale (``ulp_floor``):
 storing the result costs up to half of that whatever the kernel, and on small tensors the plain
-error can be luckily smaller. The loss is within 1e-6 relative of the float64 formula. Fresh
-random inputs each test.
+error can be luckily smaller. The loss is within 1e-6 relative of the float64 formula. Random inputs
+come from the test's seed (tests/conftest.py; a failure names it, TRM_TEST_SEED=N redraws them).
 
 The ``check_*`` helpers take a device: ``tests/test_ops_cuda_build.py`` runs them on a GPU.
 """
@@ -49,6 +49,7 @@ def impls(device: str) -> dict:
 
 
 def fresh_gen() -> torch.Generator:
+    """A generator drawn from torch's global one, which conftest seeds per test."""
     return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
 
 

@@ -8,7 +8,8 @@ program. On a GPU machine the interpreter is off: the interpreter tests are skip
 Error rule (DESIGN.md, "Ops"): against a float64 evaluation of the same formula, the kernel's
 max error is at most 2x the max error of plain PyTorch (the reference op) at the same precision,
 plus, for fp32 only, one ulp of the output's scale where both sides are a few ulp off; NaN never
-passes. The loss is within 1e-6 relative of the float64 formula. Fresh random inputs each run.
+passes. The loss is within 1e-6 relative of the float64 formula. Random inputs
+come from the test's seed (tests/conftest.py; a failure names it, TRM_TEST_SEED=N redraws them).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_backend_is_available_here():
 # ---------------------------------------------------------------------------------------------
 
 def gen(device: str) -> torch.Generator:
+    """A generator on ``device`` drawn from torch's global one, which conftest seeds per test."""
     return torch.Generator(device=device).manual_seed(torch.randint(0, 2**31 - 1, ()).item())
 
 
