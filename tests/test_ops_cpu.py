@@ -27,6 +27,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from trm.ops import native, reference
+from trm.ops.native import loader as native_loader
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -536,9 +537,9 @@ def test_status_and_availability():
 def test_failed_build_is_reported_not_raised(tmp_path):
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++ {\n")
-    ok, reason = native._build("trm_ops_broken_test", [str(bad)], build_directory=str(tmp_path))
+    ok, reason = native_loader._build("trm_ops_broken_test", [str(bad)], build_directory=str(tmp_path))
     assert not ok and reason
-    ok, reason = native._build("trm_ops_missing_test", [str(tmp_path / "nope.cpp")], build_directory=str(tmp_path))
+    ok, reason = native_loader._build("trm_ops_missing_test", [str(tmp_path / "nope.cpp")], build_directory=str(tmp_path))
     assert not ok and "missing" in reason
 
 
@@ -547,10 +548,10 @@ def test_stale_aot_library_is_detected(tmp_path):
     so.write_bytes(b"")
     import os
     os.utime(so, (0, 0))                                          # older than every source
-    assert "older than csrc/" in native._aot_stale(str(so))
-    newest = max(os.path.getmtime(f) for f in native._build_config().all_source_files())
+    assert "older than csrc/" in native_loader._aot_stale(str(so))
+    newest = max(os.path.getmtime(f) for f in native_loader._build_config().all_source_files())
     os.utime(so, (newest + 10, newest + 10))
-    assert native._aot_stale(str(so)) is None
+    assert native_loader._aot_stale(str(so)) is None
 
 
 def test_import_builds_nothing_and_a_failed_jit_falls_back_to_the_older_aot():
@@ -559,10 +560,11 @@ def test_import_builds_nothing_and_a_failed_jit_falls_back_to_the_older_aot():
     code = """
 import importlib.util, sys, trm, trm.model, trm.ops
 from trm.ops import native
+from trm.ops.native import loader as native_loader
 assert native.status()['status'] == 'not loaded' and 'trm._C' not in sys.modules, native.status()
 if importlib.util.find_spec('trm._C') is not None:
-    native._aot_stale = lambda f: 'pretend stale'
-    native._load_jit = lambda: (False, 'pretend: no compiler')
+    native_loader._aot_stale = lambda f: 'pretend stale'
+    native_loader._load_jit = lambda: (False, 'pretend: no compiler')
     assert native.load(), native.status()
     st = native.status()
     assert st['source'] == 'aot' and any('using the older trm._C' in n for n in st['notes']), st

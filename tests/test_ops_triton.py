@@ -1,4 +1,4 @@
-"""Triton kernels (``csrc/triton``, via ``trm.ops.triton_backend.IMPLS``) vs the PyTorch reference.
+"""Triton kernels (``csrc/triton``, via ``trm.ops.triton.IMPLS``) vs the PyTorch reference.
 
 Run: ``python -m pytest tests/test_ops_triton.py -q``. Without a GPU, tests/conftest.py turns the
 Triton interpreter on (``TRITON_INTERPRET=1``): the kernels run on CPU tensors, program by
@@ -24,7 +24,10 @@ import pytest
 import torch
 
 from trm.ops import reference
-from trm.ops import triton_backend as tb
+from trm.ops import triton as tb
+from trm.ops.triton import adam_atan2 as triton_adam_atan2
+from trm.ops.triton import loader as triton_loader
+from trm.ops.triton import rms_norm as triton_rms_norm
 from trm.train.optim import AdamATan2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +35,7 @@ EPS = 1e-5
 IMPLS = tb.IMPLS
 
 AVAILABLE, WHY_NOT = tb.available()
-INTERPRETING = AVAILABLE and tb._interpreting()
+INTERPRETING = AVAILABLE and triton_loader.interpreting()
 interpreter = pytest.mark.skipif(   # only with a GPU: on a CPU-only machine a missing interpreter FAILS
     not INTERPRETING and torch.cuda.is_available(),
     reason="the Triton interpreter is off (a GPU is visible): the gpu-marked tests run these kernels on CUDA")
@@ -171,13 +174,13 @@ def test_rms_norm_forward_only_saves_nothing(monkeypatch):
     x = randn((4, 33, 64), g, "cpu", shift=0.1).requires_grad_(True)
     residual = randn((4, 33, 64), g, "cpu")
     store_flags = []
-    real_forward = tb._rms_norm_forward
+    real_forward = triton_rms_norm._rms_norm_forward
 
     def spy(*args, store_rstd, **kwargs):
         store_flags.append(store_rstd)
         return real_forward(*args, store_rstd=store_rstd, **kwargs)
 
-    monkeypatch.setattr(tb, "_rms_norm_forward", spy)
+    monkeypatch.setattr(triton_rms_norm, "_rms_norm_forward", spy)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with torch.no_grad():
@@ -402,7 +405,7 @@ def atan2_check(device):
                            device=device)
     y = torch.cat([y, special.repeat_interleave(len(special)), torch.randn(1000, generator=g, device=device)])
     x = torch.cat([x, special.repeat(len(special)), torch.randn(1000, generator=g, device=device)])
-    ours = tb.atan2(y, x)
+    ours = triton_adam_atan2.atan2(y, x)
     exact = torch.atan2(y.double(), x.double())
     ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
     err = (ours.double() - exact).abs()
@@ -475,14 +478,14 @@ def test_adam_atan2_one_launch_and_fallback(monkeypatch):
     lists = [params, [randn(p.shape, g, "cpu") for p in params], [torch.zeros_like(p) for p in params],
              [torch.zeros_like(p) for p in params]]
     launches = []
-    kernel = tb._kernels("adam_atan2").adam_atan2_kernel
+    kernel = triton_loader.kernel_module("adam_atan2").adam_atan2_kernel
 
     class Spy:
         def __getitem__(self, grid):
             launches.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(tb._kernels("adam_atan2"), "adam_atan2_kernel", Spy())
+    monkeypatch.setattr(triton_loader.kernel_module("adam_atan2"), "adam_atan2_kernel", Spy())
     expected = [[t.clone() for t in ts] for ts in lists]
     IMPLS["adam_atan2"](*lists, step=1, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
     reference.adam_atan2(*expected, step=1, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
@@ -533,7 +536,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 def test_import_is_lazy_and_cpu_without_interpreter_is_unavailable():
     proc = run_python(
         "import sys\n"
-        "import trm.ops.triton_backend as tb\n"
+        "import trm.ops.triton as tb\n"
         "assert 'triton' not in sys.modules, 'importing the backend imported triton'\n"
         "ok, why = tb.available()\n"
         "assert ok is False and 'TRITON_INTERPRET=1' in why, (ok, why)\n"

@@ -3,9 +3,9 @@
 Backends (DESIGN.md, "Ops"); each provides some ops, all with the reference's signature:
 
 - ``torch``: the plain-PyTorch reference (``trm.ops.reference``); every op. The default.
-- ``cpu``: native C++ CPU kernels (``trm.ops.native``, ``torch.ops.trm.*``), CPU tensors.
-- ``cuda``: native CUDA C++ kernels (``trm.ops.native``), CUDA tensors.
-- ``triton``: Triton kernels (``trm.ops.triton_backend``, sources in ``csrc/triton``), CUDA
+- ``cpu``: native C++ CPU kernels (``trm.ops.native.<op>``, ``torch.ops.trm.*``), CPU tensors.
+- ``cuda``: native CUDA C++ kernels (``trm.ops.native.<op>``), CUDA tensors.
+- ``triton``: Triton kernels (``trm.ops.triton.<op>``, sources in ``csrc/triton``), CUDA
   tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``).
 - ``auto``: per call, for the tensors' device, the first AVAILABLE backend of
   ``AUTO_ORDER[op][device]`` that has the op, else the reference. Every backend in that list
@@ -80,8 +80,8 @@ def _provider(name: str) -> tuple[dict[str, Callable], Callable[[], tuple[bool, 
             return native.IMPLS_CPU, native.available_cpu
         return native.IMPLS_CUDA, native.available_cuda
     if name == "triton":
-        from trm.ops import triton_backend
-        return triton_backend.IMPLS, triton_backend.available
+        from trm.ops import triton as triton_ops
+        return triton_ops.IMPLS, triton_ops.available
     raise ValueError(f"unknown kernel backend {name!r}")
 
 
