@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from trm.ops import reference
-from trm.ops.native.loader import close, ensure
+from trm.ops import counters
+from trm.ops.native.loader import close, ensure, launch
 
 OP = "adam_atan2"
 KERNELS = ("adam_atan2",)
@@ -41,12 +42,13 @@ def make(device_type: str) -> Callable:
                      and all(g.numel() == p.numel() and m.numel() == p.numel() and v.numel() == p.numel()
                              for p, g, m, v in zip(*lists)))
         if not supported:
+            counters.fell_back(device_type, OP, params, grads, exp_avgs, exp_avg_sqs)
             return reference.adam_atan2(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
                                         beta2=beta2, weight_decay=weight_decay)
         ensure(device_type)
         with torch.no_grad():
-            torch.ops.trm.adam_atan2(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), int(step),
-                                     float(lr), float(beta1), float(beta2), float(weight_decay))
+            launch("adam_atan2", "adam_atan2", list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), int(step),
+                   float(lr), float(beta1), float(beta2), float(weight_decay))
 
     return adam_atan2
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from trm.ops import counters
+
 log = logging.getLogger("trm.ops")
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -307,6 +309,15 @@ def ensure(device_type: str) -> None:
     ok, reason = available_cuda()
     if not ok:
         raise RuntimeError(f"trm native CUDA kernels are unavailable: {reason}")
+
+
+def launch(file: str, kernel: str, *args):
+    """``torch.ops.trm.<kernel>(*args)``, counted in ``trm.ops.counters`` as ``<file>/<kernel>`` of the
+    backend named by its first tensor's device (``cpu`` | ``cuda``)."""
+    first = next(a[0] if isinstance(a, (list, tuple)) else a for a in args
+                 if isinstance(a, torch.Tensor) or (isinstance(a, (list, tuple)) and a))
+    counters.launched(first.device.type, f"{file}/{kernel}")
+    return getattr(torch.ops.trm, kernel)(*args)
 
 
 def float_on(t: torch.Tensor, device_type: str) -> bool:

@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 
 from trm.ops import reference
-from trm.ops.native.loader import close, ensure, float_on, register_backward_kernel
+from trm.ops import counters
+from trm.ops.native.loader import close, ensure, float_on, launch, register_backward_kernel
 
 OP = "rms_norm"
 KERNELS = ("rms_norm_fwd", "rms_norm_fwd_only", "rms_norm_bwd")
@@ -52,7 +53,7 @@ def register() -> None:
 
     def backward(ctx, grad_y, _grad_rstd):
         y, rstd = ctx.saved_tensors
-        ds = torch.ops.trm.rms_norm_bwd(grad_y, y, rstd, ctx.dim)
+        ds = launch("rms_norm", "rms_norm_bwd", grad_y, y, rstd, ctx.dim)
         return (ds if ctx.needs_input_grad[0] else None,
                 ds if ctx.has_residual and ctx.needs_input_grad[1] else None, None, None)
 
@@ -66,9 +67,9 @@ def register() -> None:
 
     def only_backward(ctx, grad_y):
         x, residual = ctx.saved_tensors
-        y, rstd = torch.ops.trm.rms_norm_fwd(x.detach(), residual.detach() if ctx.has_residual else None,
-                                             ctx.dim, ctx.eps)
-        ds = torch.ops.trm.rms_norm_bwd(grad_y, y, rstd, ctx.dim)
+        y, rstd = launch("rms_norm", "rms_norm_fwd", x.detach(), residual.detach() if ctx.has_residual else None,
+                         ctx.dim, ctx.eps)
+        ds = launch("rms_norm", "rms_norm_bwd", grad_y, y, rstd, ctx.dim)
         return (ds if ctx.needs_input_grad[0] else None,
                 ds if ctx.has_residual and ctx.needs_input_grad[1] else None, None, None)
 
@@ -83,12 +84,13 @@ def make(device_type: str) -> Callable:
         if (not float_on(x, device_type) or x.dim() == 0 or x.numel() == 0 or not -x.dim() <= dim < x.dim()
                 or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
                                               or residual.device != x.device))):
+            counters.fell_back(device_type, OP, x, residual)
             return reference.rms_norm(x, eps, dim, residual)
         ensure(device_type)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
         if needs_grad:
-            return torch.ops.trm.rms_norm_fwd(x, residual, dim, float(eps))[0]
-        return torch.ops.trm.rms_norm_fwd_only(x, residual, dim, float(eps))
+            return launch("rms_norm", "rms_norm_fwd", x, residual, dim, float(eps))[0]
+        return launch("rms_norm", "rms_norm_fwd_only", x, residual, dim, float(eps))
 
     return rms_norm
 

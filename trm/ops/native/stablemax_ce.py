@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from trm.ops import reference
-from trm.ops.native.loader import close, ensure, float_on, register_backward_kernel
+from trm.ops import counters
+from trm.ops.native.loader import close, ensure, float_on, launch, register_backward_kernel
 
 OP = "stablemax_cross_entropy"
 KERNELS = ("stablemax_ce_fwd", "stablemax_ce_bwd")
@@ -40,7 +41,7 @@ def register() -> None:
 
     def backward(ctx, grad_loss):
         logits, labels = ctx.saved_tensors
-        return torch.ops.trm.stablemax_ce_bwd(grad_loss, logits, labels, ctx.ignore_index), None, None
+        return launch("stablemax_ce", "stablemax_ce_bwd", grad_loss, logits, labels, ctx.ignore_index), None, None
 
     torch.library.register_autograd("trm::stablemax_ce_fwd", backward, setup_context=setup)
     register_backward_kernel("stablemax_ce_bwd")
@@ -54,11 +55,12 @@ def make(device_type: str) -> Callable:
         if (not float_on(logits_BLV, device_type) or logits_BLV.dim() == 0 or logits_BLV.shape[-1] == 0
                 or labels_BL.device != logits_BLV.device or labels_BL.dtype not in (torch.int64, torch.int32)
                 or labels_BL.shape != logits_BLV.shape[:-1]):
+            counters.fell_back(device_type, OP, logits_BLV, labels_BL)
             return reference.stablemax_cross_entropy(logits_BLV, labels_BL, ignore_index)
         ensure(device_type)
         if device_type != "cpu":
             reference.check_labels(labels_BL, logits_BLV.shape[-1], ignore_index)  # the CPU kernel checks itself
-        return torch.ops.trm.stablemax_ce_fwd(logits_BLV, labels_BL, int(ignore_index)).to(torch.float64)
+        return launch("stablemax_ce", "stablemax_ce_fwd", logits_BLV, labels_BL, int(ignore_index)).to(torch.float64)
 
     return stablemax_cross_entropy
 

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from trm.ops import reference
-from trm.ops.native.loader import close, ensure, float_on, register_backward_kernel
+from trm.ops import counters
+from trm.ops.native.loader import close, ensure, float_on, launch, register_backward_kernel
 
 OP = "swiglu"
 KERNELS = ("swiglu_fwd", "swiglu_bwd")
@@ -36,7 +37,7 @@ def register() -> None:
 
     def backward(ctx, grad_out):
         (gate_up,) = ctx.saved_tensors
-        return torch.ops.trm.swiglu_bwd(grad_out, gate_up)
+        return launch("swiglu", "swiglu_bwd", grad_out, gate_up)
 
     torch.library.register_autograd("trm::swiglu_fwd", backward, setup_context=setup)
     register_backward_kernel("swiglu_bwd")
@@ -47,9 +48,10 @@ def make(device_type: str) -> Callable:
     def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` of the packed ``gate_up = [gate, up]`` (last dim)."""
         if not float_on(gate_up, device_type) or gate_up.dim() == 0 or gate_up.numel() == 0 or gate_up.shape[-1] % 2:
+            counters.fell_back(device_type, OP, gate_up)
             return reference.swiglu(gate_up)
         ensure(device_type)
-        return torch.ops.trm.swiglu_fwd(gate_up)
+        return launch("swiglu", "swiglu_fwd", gate_up)
 
     return swiglu
 

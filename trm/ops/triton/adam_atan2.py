@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import cdiv, interpreting, kernel_module, on_device, runs_here
 
 
@@ -66,6 +66,7 @@ def adam_atan2(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         and runs_here(*flat)
     )
     if not supported:
+        counters.fell_back("triton", "adam_atan2", params, grads, exp_avgs, exp_avg_sqs)
         reference.adam_atan2(params, grads, exp_avgs, exp_avg_sqs, step=step, lr=lr, beta1=beta1,
                              beta2=beta2, weight_decay=weight_decay)
         return

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import (
     cdiv, interpreting, kernel_dtypes, kernel_module, needs_grad, next_pow2, on_device, runs_here,
 )
@@ -95,6 +95,7 @@ def attention(q_BLHK: torch.Tensor, k_BLHK: torch.Tensor, v_BLHK: torch.Tensor) 
         and runs_here(q, k, v)
     )
     if not supported:
+        counters.fell_back("triton", "attention", q, k, v)
         return reference.attention(q, k, v)
     if not needs_grad(q, k, v):
         return _attention_forward(q, k, v)[0]

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from trm.ops import counters
+
 KERNEL_DIR = Path(__file__).resolve().parents[3] / "csrc" / "triton"
 KERNEL_FILES = ("rms_norm", "swiglu", "rope", "attention", "stablemax_ce", "adam_atan2")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,9 +77,24 @@ def available() -> tuple[bool, str | None]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
+class _CountedKernels:
+    """A kernel file whose ``*_kernel`` attributes count a launch in ``trm.ops.counters`` when read
+    (each launch site reads its kernel once: ``kernel_module("rms_norm").rms_norm_fwd_kernel[grid](...)``)."""
+
+    def __init__(self, name: str, module):
+        self._name, self._module = name, module
+
+    def __getattr__(self, attr: str):
+        value = getattr(self._module, attr)
+        if attr.endswith("_kernel"):
+            counters.launched("triton", f"{self._name}/{attr}")
+        return value
+
+
 def kernel_module(name: str):
-    """The loaded kernel file ``csrc/triton/<name>.py`` (after ``available()``)."""
-    return _state["modules"][name]
+    """The loaded kernel file ``csrc/triton/<name>.py`` (after ``available()``); reading a kernel
+    from it counts one launch."""
+    return _CountedKernels(name, _state["modules"][name])
 
 
 def interpreting() -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import (
     MAX_ROW, cdiv, kernel_dtypes, kernel_module, needs_grad, next_pow2, num_warps, on_device, outer, rows_layout,
     runs_here, tile_elements,
@@ -99,6 +99,7 @@ def rms_norm(x: torch.Tensor, eps: float, dim: int = -1, residual: torch.Tensor 
         if same and x.shape[axis] <= MAX_ROW and runs_here(*tensors):
             layout = _rms_norm_layout(x, residual, axis)
     if layout is None:
+        counters.fell_back("triton", "rms_norm", x, residual)
         return reference.rms_norm(x, eps, dim, residual=residual)
     if not needs_grad(x, residual):
         return _rms_norm_forward(x, residual, float(eps), axis, layout, store_rstd=False)[0]

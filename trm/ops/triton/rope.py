@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import (
     cdiv, kernel_dtypes, kernel_module, needs_grad, next_pow2, num_warps, on_device, runs_here, tile_elements,
 )
@@ -59,6 +59,7 @@ def apply_rope(q_BLHK: torch.Tensor, k_BLHK: torch.Tensor, cos_LK: torch.Tensor,
         and runs_here(q, k, cos, sin)
     )
     if not supported:
+        counters.fell_back("triton", "apply_rope", q, k, cos, sin)
         return reference.apply_rope(q, k, cos, sin)
     if not needs_grad(q, k):
         return _rope_launch(q, k, cos, sin, transpose=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import (
     MAX_ROW, cdiv, kernel_dtypes, kernel_module, needs_grad, next_pow2, num_warps, on_device, outer, rows_layout,
     runs_here, tile_elements,
@@ -86,6 +86,7 @@ def stablemax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor,
         shape, logit_strides = outer(logits, logits.dim() - 1)
         layout = rows_layout(shape, [logit_strides, list(labels.stride())])
     if layout is None:
+        counters.fell_back("triton", "stablemax_cross_entropy", logits, labels)
         return reference.stablemax_cross_entropy(logits, labels, ignore_index)
     reference.check_labels(labels, logits.shape[-1], ignore_index)
     if not needs_grad(logits):

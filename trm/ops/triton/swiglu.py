@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from trm.ops import reference
+from trm.ops import counters, reference
 from trm.ops.triton.loader import (
     cdiv, interpreting, kernel_dtypes, kernel_module, needs_grad, next_pow2, num_warps, on_device, outer,
     rows_layout, runs_here, tile_elements,
@@ -79,6 +79,7 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
         y_strides = torch.empty(shape, device="meta").stride()      # y is contiguous [..., F]
         layout = rows_layout(shape, [strides, [s * (gate_up.shape[-1] // 2) for s in y_strides]])
     if layout is None:
+        counters.fell_back("triton", "swiglu", gate_up)
         return reference.swiglu(gate_up)
     if not needs_grad(gate_up):
         return _swiglu_forward(gate_up, layout)
