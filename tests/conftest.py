@@ -133,6 +133,30 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, train: dict | None =
     return path
 
 
+def proves_kernels_ran(backend, op: str, file: str, *kernels: str):
+    """Decorator of a kernel check helper: the check must launch every one of ``kernels`` (of the
+    kernel file ``csrc/.../<file>``) and must not hand any call of ``backend``'s ``op`` to the
+    reference (``trm.ops.counters``), so a check never passes by comparing the reference with itself.
+    ``backend``: a name, or a function of the helper's arguments that returns it (its device)."""
+    import functools
+
+    def decorate(check):
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            from trm.ops import counters
+
+            name = backend(*args, **kwargs) if callable(backend) else backend
+            with counters.record() as seen:
+                result = check(*args, **kwargs)
+            missing = [k for k in kernels if not seen.ran(name, file, k)]
+            assert not missing, f"{check.__name__}: the {name} kernel(s) {missing} of {file} did not run ({seen})"
+            fell = seen.fell_back(name, op)
+            assert not fell, f"{check.__name__}: {name} {op} handed {fell} to the reference"
+            return result
+        return checked
+    return decorate
+
+
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

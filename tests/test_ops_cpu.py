@@ -26,7 +26,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trm.ops import native, reference
+from conftest import proves_kernels_ran
+from trm.ops import counters, native, reference
 from trm.ops.native import loader as native_loader
 
 EPS = 1e-5
@@ -104,6 +105,7 @@ def rms_inputs(layout: str, shape, device, dtype, with_residual: bool, g):
     return x, r, (1 if layout == "dim1" else -1)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "rms_norm", "rms_norm", "rms_norm_fwd", "rms_norm_bwd")
 def check_rms_norm(device, dtype, layout, shape, with_residual):
     """Forward and backward of impls(device)['rms_norm'] under the error rule; residual grad == x grad."""
     g = fresh_gen()
@@ -173,6 +175,7 @@ def test_rms_norm_transposed_view_runs_without_copy():
     torch.testing.assert_close(y_odd, reference.rms_norm(odd, EPS), rtol=1e-5, atol=1e-6)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "rms_norm", "rms_norm", "rms_norm_fwd", "rms_norm_fwd_only")
 def check_forward_only(device):
     """no_grad (or no input needing grad) runs rms_norm_fwd_only; with grad, rms_norm_fwd."""
     g = fresh_gen()
@@ -204,12 +207,16 @@ def test_rms_norm_forward_only_under_no_grad():
 def test_rms_norm_routes_unsupported_inputs_to_reference():
     fn = native.IMPLS_CPU["rms_norm"]
     x64 = torch.randn(4, 9, dtype=torch.float64)
-    assert torch.equal(fn(x64, EPS), reference.rms_norm(x64, EPS))
-    x = torch.randn(4, 9)
-    r16 = torch.randn(4, 9, dtype=torch.float16)                  # mixed dtypes: the reference's promotion
-    assert torch.equal(fn(x, EPS, -1, r16), reference.rms_norm(x, EPS, -1, r16))
-    rb = torch.randn(1, 9)                                        # broadcast residual
-    assert torch.equal(fn(x, EPS, -1, rb), reference.rms_norm(x, EPS, -1, rb))
+    with counters.record() as seen:
+        assert torch.equal(fn(x64, EPS), reference.rms_norm(x64, EPS))
+        x = torch.randn(4, 9)
+        r16 = torch.randn(4, 9, dtype=torch.float16)              # mixed dtypes: the reference's promotion
+        assert torch.equal(fn(x, EPS, -1, r16), reference.rms_norm(x, EPS, -1, r16))
+        rb = torch.randn(1, 9)                                    # broadcast residual
+        assert torch.equal(fn(x, EPS, -1, rb), reference.rms_norm(x, EPS, -1, rb))
+    assert not seen.launches, seen                                # each fell back, and says so:
+    assert seen.fell_back("cpu", "rms_norm") == ["float64[4, 9] cpu", "float32[4, 9] cpu, float16[4, 9] cpu",
+                                                 "float32[4, 9] cpu, float32[1, 9] cpu"]
     with pytest.raises(IndexError):                               # bad dim: the reference's error
         fn(x, EPS, 2)
     with OpLog() as log:
@@ -230,6 +237,7 @@ def test_rms_norm_kernel_errors_are_clear():
 # SwiGLU
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran(lambda device, *a, **k: device, "swiglu", "swiglu", "swiglu_fwd", "swiglu_bwd")
 def check_swiglu(device, dtype, shape, transposed=False):
     g = fresh_gen()
     gu = randn(shape, g, device, dtype, 2.0)
@@ -312,6 +320,7 @@ def awkward_batch(shape, dtype, device, g):
     return logits.to(device=device, dtype=dtype), labels.to(device)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "stablemax_cross_entropy", "stablemax_ce", "stablemax_ce_fwd", "stablemax_ce_bwd")
 def check_stablemax_ce(device, dtype, shape):
     g = fresh_gen()
     logits, labels = awkward_batch(shape, dtype, device, g)
@@ -387,6 +396,7 @@ def adam64(p, g, m, v, *, step, lr, beta1, beta2, weight_decay):
     return p, m, v
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "adam_atan2", "adam_atan2", "adam_atan2")
 def check_adam_atan2(device, shapes=ADAM_SHAPES, steps=(1, 2, 7)):
     g = fresh_gen()
     params = [randn(s, g, device) for s in shapes]
