@@ -7,6 +7,9 @@ import shutil
 
 # The Triton kernels run in the CPU interpreter when no NVIDIA GPU is visible; triton reads this
 # when a kernel is defined, so it is set before anything imports triton (checked without torch).
+# On a GPU machine the interpreter stays off and the Triton kernels run compiled, on CUDA tensors:
+# the gpu-marked tests, and the Triton cases of test_ops_dispatch.py / test_ops_verify.py (which
+# pick the device Triton takes, ``kernel_device``); test_ops_triton.py's interpreter tests skip there.
 # The interpreter's tl.dot is a numpy matmul of small blocks: multi-threaded OpenBLAS makes each
 # ~100x slower on this shared 2-core machine, so numpy (not yet imported) gets one BLAS thread.
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
