@@ -26,7 +26,6 @@ a GPU or in the C++ CPU kernels).
 
 from __future__ import annotations
 
-import math
 import threading
 from typing import Callable, Iterator
 
@@ -173,8 +172,7 @@ def _outputs(fn: Callable, args: tuple, grad_args: tuple, cotangents: list[torch
         return [o.detach() for o in (out if isinstance(out, tuple) else (out,))], []
     out = fn(*args)
     outs = list(out if isinstance(out, tuple) else (out,))
-    cots = cotangents or [torch.ones_like(o) for o in outs]
-    total = sum((o.double() * c.to(o.device).double()).sum() for o, c in zip(outs, cots))
+    total = sum((o.double() * c.to(o.device).double()).sum() for o, c in zip(outs, cotangents))
     grads = torch.autograd.grad(total, [args[i] for i in grad_args])
     return [o.detach() for o in outs], list(grads)
 
@@ -185,8 +183,9 @@ def _check_case(op: str, impl: Callable, device: torch.device, dtype: torch.dtyp
     g = torch.Generator().manual_seed(1234)
     args64, grad_args = build(g)
     truth_args = _cast_args(op, args64, torch.float64, device, grad_args)
-    truth_out, truth_grads = _outputs(_truth(op), truth_args, grad_args, None)
-    cots = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in truth_out]
+    with torch.no_grad():
+        shapes = [o.shape for o in _outputs(_truth(op), truth_args, (), None)[0]]
+    cots = [torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes]
     truth_out, truth_grads = _outputs(_truth(op), truth_args, grad_args, cots)
     plain_out, plain_grads = _outputs(getattr(reference, op), _cast_args(op, args64, dtype, device, grad_args), grad_args, cots)
     with counters.record() as seen:
