@@ -19,6 +19,8 @@
 #   DEEPSPEED  the launcher command (default: deepspeed if on PATH, else $PYTHON -m deepspeed.launcher.runner)
 #   PYTHON     the Python to launch with (default: python)
 #   DRY_RUN=1  validate the hostfile, print the command, do not run it
+#   GLOO_SOCKET_IFNAME  with --no_ssh, the interface gloo uses (default: the one that reaches
+#              --master_addr, unless that is loopback)
 #
 # Examples:
 #   launch/deepspeed.sh --hostfile hosts configs/large.yaml run_dir=runs/large
@@ -113,6 +115,7 @@ check_hostfile "$hostfile"
 if [[ -n "$no_ssh" ]]; then
   [[ "$node_rank" =~ ^[0-9]+$ ]] || die 2 "--no_ssh needs --node_rank=K (this node's line in the hostfile, from 0)"
   [[ -n "$master_addr" ]] || die 2 "--no_ssh needs --master_addr=ADDR (the host of hostfile line 1, reachable from every node)"
+  choose_gloo_interface "$master_addr"
 fi
 
 if [[ -n "${DEEPSPEED:-}" ]]; then

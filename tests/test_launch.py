@@ -132,8 +132,49 @@ RENDEZVOUS = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "NNODES": "4", 
 def test_multi_node_command_from_environment(tmp_path, cfg):
     proc = _launch("multi_node.sh", str(cfg), *OVERRIDES, env=_env(_tool_dir(tmp_path), **RENDEZVOUS))
     assert _printed_command(proc) == [
-        *TORCHRUN, "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500", "--nnodes=4", "--node_rank=3",
-        "--nproc_per_node=8", "--rdzv_id=job42", "-m", "trm.train", str(cfg), *OVERRIDES]
+        *TORCHRUN, "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500", "--rdzv_conf=is_host=0", "--nnodes=4",
+        "--node_rank=3", "--nproc_per_node=8", "--rdzv_id=job42", "-m", "trm.train", str(cfg), *OVERRIDES]
+
+
+def test_multi_node_zero_hosts_the_store_and_restarts(tmp_path, cfg):
+    """Node 0 hosts the rendezvous store whatever its hostname resolves to, and publishes
+    MASTER_ADDR (not its hostname) to the workers; MAX_RESTARTS becomes --max_restarts."""
+    env = _env(_tool_dir(tmp_path), **{**RENDEZVOUS, "NODE_RANK": "0", "MAX_RESTARTS": "3"})
+    assert _printed_command(_launch("multi_node.sh", str(cfg), env=env)) == [
+        *TORCHRUN, "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29500", "--rdzv_conf=is_host=1",
+        "--local_addr=10.0.0.1", "--max_restarts=3", "--nnodes=4", "--node_rank=0", "--nproc_per_node=8",
+        "--rdzv_id=job42", "-m", "trm.train", str(cfg)]
+
+
+# Stand-ins for getent / ip / hostname on a node whose hostname maps to 127.0.1.1 and whose
+# cluster network is ib0 (10.1.0.0/16); MASTER_ADDR 10.1.0.1 is node 0's ib0 address.
+NODE_TOOLS = {
+    "getent": 'case "$2" in node0 | node1) echo "127.0.1.1 STREAM $2" ;; 10.*) echo "$2 STREAM" ;; esac',
+    "hostname": "echo node0",
+    "ip": """case "$*" in
+  "-o route get 10.1.0.1") echo "local 10.1.0.1 dev lo src 10.1.0.1 uid 0" ;;
+  "-o route get 127.0.1.1") echo "local 127.0.1.1 dev lo src 127.0.0.1 uid 0" ;;
+  "-o -4 addr show") echo "1: lo inet 127.0.0.1/8 scope host lo"; echo "3: ib0 inet 10.1.0.1/16 scope global ib0" ;;
+esac""",
+}
+
+
+def test_multi_node_picks_the_gloo_interface_toward_master(tmp_path, cfg):
+    env = _env(_tool_dir(tmp_path, NODE_TOOLS), **{**RENDEZVOUS, "MASTER_ADDR": "10.1.0.1", "NODE_RANK": "0"})
+    proc = _launch("multi_node.sh", str(cfg), env=env)
+    assert _printed_command(proc)[-2:] == ["trm.train", str(cfg)]
+    assert "GLOO_SOCKET_IFNAME=ib0 (the interface that reaches 10.1.0.1" in proc.stderr
+    chosen = _launch("multi_node.sh", str(cfg), env={**env, "GLOO_SOCKET_IFNAME": "eth1"})
+    assert _printed_command(chosen) and "GLOO_SOCKET_IFNAME" not in chosen.stderr, "a set variable wins"
+
+
+def test_multi_node_without_a_usable_interface_asks_for_one(tmp_path, cfg):
+    """MASTER_ADDR = node 0's own name, which resolves to 127.0.1.1 there: gloo would listen on
+    loopback, so the script stops and names the variable to set."""
+    env = _env(_tool_dir(tmp_path, NODE_TOOLS), **{**RENDEZVOUS, "MASTER_ADDR": "node0", "NODE_RANK": "0"})
+    _fails_with(_launch("multi_node.sh", str(cfg), env=env), "hostname resolves to 127.0.1.1",
+                "Set GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+    assert _printed_command(_launch("multi_node.sh", str(cfg), env={**env, "GLOO_SOCKET_IFNAME": "ib0"}))
 
 
 SLURM = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_NTASKS_PER_NODE": "1",
@@ -154,8 +195,8 @@ SLURM = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "3", "SLURM_NODEID": "2", "SL
 def test_multi_node_maps_slurm_variables(tmp_path, cfg, extra, fakes, expected):
     proc = _launch("multi_node.sh", str(cfg), "a=1", env=_env(_tool_dir(tmp_path, fakes), **{**SLURM, **extra}))
     assert _printed_command(proc) == [
-        *TORCHRUN, "--rdzv_backend=c10d", f"--rdzv_endpoint={expected['endpoint']}", "--nnodes=3", "--node_rank=2",
-        f"--nproc_per_node={expected['nproc']}", "--rdzv_id=123456", "-m", "trm.train", str(cfg), "a=1"]
+        *TORCHRUN, "--rdzv_backend=c10d", f"--rdzv_endpoint={expected['endpoint']}", "--rdzv_conf=is_host=0", "--nnodes=3",
+        "--node_rank=2", f"--nproc_per_node={expected['nproc']}", "--rdzv_id=123456", "-m", "trm.train", str(cfg), "a=1"]
 
 
 def test_multi_node_without_rendezvous_variables_names_them(tmp_path, cfg):
@@ -173,6 +214,7 @@ def test_multi_node_without_rendezvous_variables_names_them(tmp_path, cfg):
     ({"MASTER_PORT": "70000"}, "MASTER_PORT must be a TCP port"),
     ({"NNODES": "zero"}, "NNODES must be a positive integer"),
     ({"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a positive integer"),
+    ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a non-negative integer"),
 ])
 def test_multi_node_rejects_bad_values(tmp_path, cfg, bad, message):
     _fails_with(_launch("multi_node.sh", str(cfg), env=_env(_tool_dir(tmp_path), **{**RENDEZVOUS, **bad})), message)
@@ -196,8 +238,8 @@ def test_slurm_sbatch_through_srun_reaches_torchrun(tmp_path, cfg):
     assert proc.returncode == 0, proc.stderr
     lines = [shlex.split(line[2:]) for line in proc.stdout.splitlines() if line.startswith("+ ")]
     assert lines[0][0] == "srun" and lines[1] == [
-        *TORCHRUN, "--rdzv_backend=c10d", "--rdzv_endpoint=gpu007:18456", "--nnodes=3", "--node_rank=2",
-        "--nproc_per_node=4", "--rdzv_id=123456", "-m", "trm.train", str(cfg), "a=1"]
+        *TORCHRUN, "--rdzv_backend=c10d", "--rdzv_endpoint=gpu007:18456", "--rdzv_conf=is_host=0", "--nnodes=3",
+        "--node_rank=2", "--nproc_per_node=4", "--rdzv_id=123456", "-m", "trm.train", str(cfg), "a=1"]
 
 
 def test_slurm_sbatch_outside_slurm_says_so(tmp_path, cfg):

@@ -268,7 +268,7 @@ def test_cli_builds_prints_summary_and_rejects_bad_arguments(tmp_path: Path, cap
     for extra, says in bad:
         assert cli_main(["build", "maze", "--out", str(tmp_path / "new"), *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error:") and says in err and "Traceback" not in err, err
+        assert err.startswith("trm.data: error:") and says in err and "Traceback" not in err, err
         assert not (tmp_path / "new").exists()
     assert cli_main(["import-maze-csv", "--out", str(tmp_path / "new"), "--train-csv", "nope.csv", "--test-csv", "nope.csv"]) == 2
     assert "does not exist" in capsys.readouterr().err

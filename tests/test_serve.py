@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -94,8 +95,25 @@ class LiveServer:
 
 
 def random_sudoku() -> list[list[int]]:
-    """A fresh random 9x9 grid of 0-9 (validity is irrelevant to the service)."""
-    return RNG.integers(0, 10, size=(9, 9)).tolist()
+    """A fresh random 9x9 puzzle whose givens agree (the service refuses contradictory ones): a solved
+    grid with shuffled digits, rows within bands and columns within stacks, 35-75% of it blanked.
+    Whether the puzzle has a unique solution is irrelevant to the service."""
+    digits = RNG.permutation(9) + 1
+    rows = [3 * band + r for band in RNG.permutation(3) for r in RNG.permutation(3)]
+    cols = [3 * stack + c for stack in RNG.permutation(3) for c in RNG.permutation(3)]
+    solved = np.array([[digits[(3 * (r % 3) + r // 3 + c) % 9] for c in cols] for r in rows])
+    return np.where(RNG.random((9, 9)) < RNG.uniform(0.35, 0.75), 0, solved).tolist()
+
+
+def random_maze() -> list[str]:
+    """A fresh random 30x30 maze the service accepts: random walls, one start in row 0, one goal in
+    a later row, and that row, row 0 and column 0 open (so the goal is reachable)."""
+    cells = RNG.choice(list("# "), size=(30, 30))
+    goal_row = int(RNG.integers(1, 30))
+    cells[0, :] = cells[goal_row, :] = cells[:, 0] = " "
+    cells[0, RNG.integers(30)] = "S"
+    cells[goal_row, RNG.integers(30)] = "G"
+    return ["".join(row) for row in cells]
 
 
 def eval_grids(data_dir: Path, n: int = 8) -> tuple[list[list[list[int]]], np.ndarray]:
@@ -405,6 +423,48 @@ def test_early_exit_rows_leave_the_batch_without_changing_answers(served):
     assert (sol.halted == (sol.confidence > 0.5)).all()
 
 
+def test_contradictory_sudoku_givens_get_422_naming_the_cells(served):
+    """Two 5s in a row (and a 7 twice in a column, as one grid of a batch): 422 naming the cells, not
+    a 200 whose answer overwrites one of them; a consistent puzzle still gets its answer."""
+    row = random_sudoku()
+    row[2] = [5, 0, 0, 0, 0, 0, 0, 5, 0]
+    for r in range(9):
+        if r != 2:
+            row[r] = [0 if d == 5 else d for d in row[r]]
+    column = [[0] * 9 for _ in range(9)]
+    column[0][4] = column[8][4] = 7
+    with served.client(headers=AUTH) as c:
+        one = c.post("/v1/solve", json={"task": "sudoku", "grid": row})
+        as_text = c.post("/v1/solve", json={"task": "sudoku", "grid": "".join(str(d) for r in row for d in r)})
+        batch = c.post("/v1/solve", json={"task": "sudoku", "grids": [random_sudoku(), column]})
+        fine = c.post("/v1/solve", json={"task": "sudoku", "grid": random_sudoku()})
+    for reply in (one, as_text):
+        assert reply.status_code == 422, reply.text
+        message = reply.json()["error"]["message"]
+        assert "digit 5 twice in row 2: cells (2, 0), (2, 7)" in message and "no solution" in message, message
+    assert batch.status_code == 422
+    assert "grids[1]" in batch.json()["error"]["message"]
+    assert "digit 7 twice in column 4: cells (0, 4), (8, 4)" in batch.json()["error"]["message"]
+    assert fine.status_code == 200
+
+
+def test_maze_needs_one_start_one_goal_and_a_path_between_them():
+    maze = random_maze()
+    no_start = [r.replace("S", " ") for r in maze]
+    two_goals = [maze[0].replace(" ", "G", 1), *maze[1:]]  # row 0 is open but for the start
+    walled = [" " * 30] * 30
+    walled[0] = "S" + "#" * 29
+    walled[1] = "#" * 30
+    walled[29] = " " * 29 + "G"
+    cases = ((no_start, "exactly one start 'S'; it has none"), (two_goals, "exactly one goal 'G'; it has"),
+             (walled, "no path from the start 'S' at (0, 0) to the goal 'G' at (29, 29)"))
+    for grid, needle in cases:
+        with pytest.raises(RequestError, match=re.escape(needle)) as caught:
+            TASKS["maze"].encode(grid, 900, "grid")
+        assert caught.value.status == 422
+    TASKS["maze"].encode(maze, 900, "grid")
+
+
 def test_task_codecs_round_trip_and_name_the_problem():
     assert task_for_dims(81, 11) == "sudoku" and task_for_dims(900, 6) == "maze" and task_for_dims(900, 12) == "arc"
     assert task_for_dims(81, 7) is None
@@ -413,7 +473,7 @@ def test_task_codecs_round_trip_and_name_the_problem():
     tokens = TASKS["arc"].encode(colours, 900, "grid")
     assert TASKS["arc"].decode(tokens) == colours
     assert (tokens.reshape(30, 30)[:h, :w] >= 2).all() and (tokens.reshape(30, 30)[h:, w:] == 0).all()
-    maze = ["".join(RNG.choice(list("# SG"), size=30)) for _ in range(30)]
+    maze = random_maze()
     assert TASKS["maze"].decode(TASKS["maze"].encode(maze, 900, "grid")) == maze
     for task, grid, needle in (("arc", [[1, 2], [3]], "row 1"), ("arc", [[11]], "0-9"), ("maze", maze[:29], "29 rows"),
                                ("maze", [row.replace("#", "o") for row in maze], "cell")):

@@ -109,7 +109,7 @@ def test_mode_new_refuses_existing_checkpoints_and_auto_resumes(tmp_path, sudoku
     run_train(str(cfg))
     again = run_train(str(cfg), check=False)
     assert again.returncode == 2
-    assert "already has checkpoints" in again.stderr and "Traceback" not in again.stderr
+    assert "already holds a previous run's files" in again.stderr and "Traceback" not in again.stderr
 
     longer = run_train(str(cfg), "mode=auto", "train.max_steps=5")
     assert "final evaluation" in longer.stdout

@@ -19,8 +19,10 @@ key, a wrong type, a missing required value or an out-of-range choice raises
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -149,6 +151,10 @@ class DataConfig:
     """Build the dataset at ``path`` first if it is missing (tiny recipes use this)."""
     augment: str = "none"
     """On-the-fly augmentation of training samples: none | sudoku."""
+    sample_unit: str = "example"
+    """What one draw of a group puts into the training stream: example (one example of a random
+    puzzle of the group) | puzzle (ALL examples of a random puzzle, adjacent, in random order: the
+    reference's sampler; the published recipes use it). See ``trm.data.stream``."""
     eval_split: str = "test"
     """Split used for periodic evaluation."""
     eval_max_examples: Optional[int] = None
@@ -161,8 +167,20 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    max_steps: int = MISSING
-    """Optimizer steps (= supervision steps over all slots) to train for."""
+    max_steps: Optional[int] = None
+    """Optimizer steps (= supervision steps over all slots) to train for. Give this or ``epochs``;
+    when both are given, max_steps wins (so ``train.max_steps=N`` shortens any recipe)."""
+    epochs: Optional[int] = None
+    """Train this many epochs, the reference's unit: max_steps = int(epochs * total_groups *
+    mean_puzzle_examples / global_batch_size) with the train split's dataset.json (the reference's
+    formula), derived when the dataset is loaded, printed at the start and written to
+    <run_dir>/config.yaml. Used only when max_steps is not given."""
+    eval_interval_epochs: Optional[int] = None
+    """With ``epochs``: evaluate every this many epochs (eval_interval derived like max_steps);
+    None: eval_interval (steps) applies."""
+    checkpoint_interval_epochs: Optional[int] = None
+    """With ``epochs``: checkpoint every this many epochs (checkpoint_interval derived like
+    max_steps); None: checkpoint_interval (steps) applies."""
     global_batch_size: int = 768
     """Slots summed over all ranks; the loss is normalised by this number."""
     eval_batch_size: Optional[int] = None
@@ -199,12 +217,16 @@ class TrainConfig:
     """Checkpoints kept besides the best one."""
     best_metric: str = "eval/exact_accuracy"
     """Metric that selects the best checkpoint (higher is better)."""
-    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2])
+    arc_pass_ks: List[int] = field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
     """ARC datasets only: the k of the ``eval/arc/pass@k`` metrics reported by each evaluation
-    (voting over augmented versions; ``trm.eval.arc_eval``). The submission always has 2 attempts."""
-    arc_vote_accumulate: bool = False
+    (voting over augmented versions; ``trm.eval.arc_eval``; the reference's list). The submission
+    always has 2 attempts."""
+    arc_vote_accumulate: bool = True
     """ARC datasets only: keep the votes of earlier evaluations of this process (the reference's
-    behaviour) instead of starting each evaluation afresh. Votes are not saved in checkpoints."""
+    ``aggregated_voting``); false: each evaluation votes afresh. Votes are not saved in checkpoints."""
+    arc_abstain_empty: bool = False
+    """ARC datasets only: a prediction whose crop is empty casts no vote (false: the empty grid is
+    a candidate like any other, as in the reference)."""
     log_interval: int = 10
     """Write training metrics every this many steps."""
     progress_bar: bool = True
@@ -307,9 +329,13 @@ class Config:
     run_dir: str = MISSING
     """Directory of this run: config.yaml, metrics.jsonl, tensorboard/, checkpoints/."""
     mode: str = "new"
-    """new (refuse a run_dir with checkpoints) | resume | auto | service."""
+    """new (refuse a run_dir with a previous run's files, see ``overwrite``) | resume | auto | service."""
     resume_from: Optional[str] = None
     """Checkpoint directory to resume from (default: the latest complete one in run_dir)."""
+    overwrite: bool = False
+    """mode=new only: start afresh in a run_dir that holds a previous run's files (metrics.jsonl,
+    config.yaml, tensorboard/, checkpoints/, eval/, learning_curves.png); they are first moved into
+    ``<run_dir>/previous_<UTC time>/``, never deleted. Without it mode=new refuses such a run_dir."""
     seed: int = 0
     """Seed of every random number generator."""
     device: str = "auto"
@@ -340,6 +366,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.forward_dtype": ("bfloat16", "float16", "float32"),
     "model.loss_type": ("stablemax_cross_entropy", "softmax_cross_entropy"),
     "data.augment": ("none", "sudoku", "maze"),
+    "data.sample_unit": ("example", "puzzle"),
     "data.build.kind": ("sudoku", "maze", "arc1", "arc2"),
     "data.rag.index": ("exact", "faiss"),
     "curriculum.difficulty": ("changed_cells", "answer_cells", "stored"),
@@ -353,7 +380,7 @@ POSITIVE: tuple[str, ...] = (
     "serve.max_body_bytes",
 )
 NON_NEGATIVE: tuple[str, ...] = (
-    "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
+    "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs", "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
     "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.weight_decay",
     "train.puzzle_emb_lr", "train.puzzle_emb_weight_decay", "deepspeed.gradient_clipping",
 )
@@ -375,6 +402,25 @@ def _schema_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+KEYS_HELP = "`python -m trm.train --help` lists every key with its type, default and meaning."
+
+
+def did_you_mean(key: str) -> str:
+    """`` Did you mean 'x.y'?`` for the schema key closest to ``key`` ('' when none is close)."""
+    hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
+    return f" Did you mean '{hint[0]}'?" if hint else ""
+
+
+def is_schema_key(key: str) -> bool:
+    """Whether ``key`` (dotted, e.g. ``data.eval_max_examples``) is a key of the schema."""
+    return key in _schema_keys(Config)
+
+
+def unknown_key_error(key: str, source: str) -> ConfigError:
+    """The error for a key the schema does not have (with the closest key as a hint)."""
+    return ConfigError(f"Unknown config key '{key}' in {source}.{did_you_mean(key)} {KEYS_HELP}")
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     """Turn an OmegaConf exception into one paragraph naming the key and the source."""
     key = getattr(err, "full_key", None) or "?"
@@ -386,13 +432,9 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
             # a key inside a list entry (e.g. a curriculum stage) comes without its prefix
             hint = difflib.get_close_matches(key, [f.name for f in dataclasses.fields(owner)], n=1)
             where = f" (in a {owner.__name__} entry)"
-        else:
-            hint = difflib.get_close_matches(key, _schema_keys(Config), n=1)
-        did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
-        return ConfigError(
-            f"Unknown config key '{key}'{where} in {source}.{did_you_mean} "
-            f"The keys a run accepts are the fields of trm/config.py."
-        )
+            return ConfigError(f"Unknown config key '{key}'{where} in {source}."
+                               f"{f' Did you mean {hint[0]!r}?' if hint else ''} {KEYS_HELP}")
+        return unknown_key_error(key, source)
     if isinstance(err, MissingMandatoryValue):
         return ConfigError(
             f"Config key '{key}' is required but has no value (from {source}). "
@@ -401,7 +443,7 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(err, ValidationError):
         return ConfigError(
             f"Config key '{key}' in {source} has the wrong type: {msg}. "
-            f"See its field in trm/config.py for the expected type."
+            f"{KEYS_HELP}"
         )
     return ConfigError(f"Invalid config in {source} at '{key}': {msg}")
 
@@ -452,6 +494,11 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             f"gathers each parameter in hooks that torch.compile cannot trace. Use zero_stage 0-2 with "
             f"compile, or set train.compile=false."
         )
+    if cfg.train.max_steps is None and not cfg.train.epochs:
+        raise ConfigError(
+            f"Neither train.max_steps nor train.epochs is set (from {source}): give the run's length in optimizer "
+            f"steps (train.max_steps=N) or in epochs of the training data (train.epochs=N, the reference's unit)."
+        )
     ks = list(cfg.train.arc_pass_ks)
     if not ks or min(ks) < 1:
         raise ConfigError(f"Config key 'train.arc_pass_ks' (from {source}) must list integers >= 1 (e.g. [1, 2]), got {ks}.")
@@ -498,6 +545,22 @@ def _check_curriculum(cfg: DictConfig, source: str) -> None:
                 raise ConfigError(f"Config key '{key}.{name}' (from {source}) must be >= 1, got {stage[name]}.")
 
 
+def _yaml_problem(err: Exception, path: Path) -> str:
+    """What the YAML parser found wrong, at which line and column, and the line itself."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if context and context_mark is not None:
+        where += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    lines = path.read_text(errors="replace").splitlines()
+    if 0 <= mark.line < len(lines):
+        where += f". The line reads: {lines[mark.line].strip()!r}"
+    return where + ". Fix it there (YAML: `key: value`, two-space indentation, lists in [ ])."
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Merge schema defaults < YAML file < ``key=value`` overrides; validate; return a Config.
 
@@ -512,7 +575,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"Config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"Config file {path} is not valid YAML: {_yaml_problem(err, path)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"Config file {path} must hold a mapping of keys, not {type(loaded).__name__}.")
         try:
@@ -534,6 +597,126 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         raise _explain(err, source) from None
     _check_values(merged, source)
     return OmegaConf.to_object(merged)
+
+
+KEYS_NEWER_THAN_SAVED_CONFIGS: tuple[str, ...] = ("overwrite",)
+"""Keys added after configs were first saved with checkpoints; a saved config may lack them, and
+then they take their default, which is what trm did before they existed."""
+
+
+def _missing_keys(full: Any, written: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``full`` (a resolved config as plain data) absent from ``written``."""
+    if isinstance(full, dict):
+        if not isinstance(written, dict):
+            return []
+        missing = []
+        for key, value in full.items():
+            if key not in written:
+                if f"{prefix}{key}" not in KEYS_NEWER_THAN_SAVED_CONFIGS:
+                    missing.append(f"{prefix}{key}")
+            else:
+                missing += _missing_keys(value, written[key], f"{prefix}{key}.")
+        return missing
+    if isinstance(full, list) and isinstance(written, list) and len(full) == len(written):
+        return [k for i, (a, b) in enumerate(zip(full, written)) for k in _missing_keys(a, b, f"{prefix[:-1]}[{i}].")]
+    return []
+
+
+def load_saved_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a run SAVED (a checkpoint's or an export's config.yaml), then ``overrides``.
+
+    Such a file names every key (``to_yaml`` writes the resolved config), so a key that is missing
+    is an error (ConfigError naming the keys) instead of a schema default that may differ from
+    what the run used; unknown keys are errors as in ``load_config``."""
+    path = Path(path)
+    try:
+        written = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
+    except Exception:  # not YAML: load_config below says so
+        written = None
+    # Against the schema first (a missing required key would otherwise be reported as merely
+    # "required"), then against the resolved config (keys of optional sections and list entries).
+    missing = _missing_keys(OmegaConf.to_container(OmegaConf.structured(Config)), written)
+    cfg = load_config(path) if not missing else None
+    missing = missing or _missing_keys(to_dict(cfg), written)
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        raise ConfigError(
+            f"Saved config {path} is incomplete: it lacks {shown}. A saved config names every key, so this "
+            f"file was cut short or edited; trm will not fill in defaults that may differ from the run's. "
+            f"Restore it (e.g. from the run's <run_dir>/config.yaml, or a copy of the checkpoint) or add the "
+            f"missing keys with the values the run used."
+        )
+    return load_config(path, overrides) if overrides else cfg
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """{class name: {field name: docstring}} read from this file: the string under each field."""
+    tree = ast.parse(Path(__file__).read_text())
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = docs.setdefault(node.name, {})
+        for stmt, after in zip(node.body, node.body[1:]):
+            if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                fields[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _section_of(hint: Any) -> tuple[type | None, bool, bool]:
+    """(dataclass a field holds, whether it is Optional, whether it is a list of them)."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    is_list = typing.get_origin(hint) in (list, List)
+    inner = typing.get_args(hint)[0] if is_list else hint
+    return (inner if dataclasses.is_dataclass(inner) else None), optional, is_list
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, List):
+        return f"list of {_type_name(args[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "required"
+    if value == MISSING:
+        return "required"
+    if isinstance(value, list):
+        return f"default [{', '.join(map(str, value))}]"
+    return f"default {OmegaConf.to_yaml({'v': value}).strip()[3:]}"
+
+
+def describe_keys(schema: type = Config, prefix: str = "") -> str:
+    """Every config key with its type, default and docstring, generated from the dataclasses above
+    (what ``python -m trm.train --help`` prints)."""
+    docs = _field_docs()
+    hints = typing.get_type_hints(schema)
+    lines: list[str] = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        section, optional, is_list = _section_of(hints[f.name])
+        doc = docs.get(schema.__name__, {}).get(f.name, "")
+        if section is not None:
+            kind = (f"list of {section.__name__} entries, each with the keys {key}[i].*" if is_list
+                    else f"section{', null (off) unless set' if optional else ''}")
+            lines += [f"{key}: {kind}", f"    {doc}", ""]
+            lines.append(describe_keys(section, f"{key}[i]." if is_list else f"{key}."))
+            continue
+        choices = CHOICES.get(key)
+        allowed = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        lines += [f"{key}: {_type_name(hints[f.name])}, {_default_text(f)}{allowed}", f"    {doc}", ""]
+    return "\n".join(lines).rstrip("\n") + ("\n" if prefix else "")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -27,8 +27,12 @@ an export folder), written by rank 0. On an ARC dataset the results include the 
 (``eval/arc/pass@k``) and rank 0 writes the ARC Prize submission next to them
 (``submission_step_N.json``; ``submission_<name>.json`` for a state dict or an export).
 
-Errors (missing or incomplete checkpoint, forbidden override, weights that do not fit the
-config) exit with status 2 and one paragraph on stderr.
+A checkpoint is verified against the manifest of its COMPLETE marker first: a corrupt one is
+named as such (with the bad file, and for a run directory the ``step=`` of the newest good one),
+and its config.yaml must name every key (``load_saved_config``).
+
+Errors (missing, incomplete or corrupt checkpoint, forbidden override, weights that do not fit
+the config) exit with status 2 and one paragraph on stderr.
 
 Test: ``pytest tests/test_evaluate.py``.
 """
@@ -36,6 +40,7 @@ Test: ``pytest tests/test_evaluate.py``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -47,8 +52,8 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from trm.config import ConfigError, load_config, to_dict
-from trm.data.format import DatasetError
+from trm import cli
+from trm.config import ConfigError, did_you_mean, is_schema_key, load_config, load_saved_config, to_dict
 from trm.train import checkpoint as ckpt
 
 USAGE = "usage: python -m trm.evaluate <run_dir|checkpoint_dir|state_dict.pt> [config=PATH] [step=N|best] [out=PATH] [key=value ...]"
@@ -83,6 +88,9 @@ def parse_args(argv: list[str]) -> Request:
             raise SystemExit(0)
         if arg.startswith("--local_rank") or arg.startswith("--local-rank"):
             continue
+        if arg.startswith("-"):
+            raise EvaluateError(f"Unknown option {arg!r}: the options are --help and --version; everything else is "
+                                f"config=, step=, out= or key=value. {USAGE}")
         name, eq, value = arg.partition("=")
         if not eq:
             if target is not None:
@@ -114,13 +122,20 @@ def resolve_checkpoint(target: Path, step: str | None) -> Path:
                 f"Checkpoint {target} is incomplete (no {ckpt.COMMIT_MARKER} marker: its save did not finish). "
                 f"Evaluate a complete one, e.g. the run directory (its latest complete checkpoint)."
             )
+        ckpt.verify_checkpoint(target)
         return target
     found = ckpt.list_checkpoints(target)
     if not found:
         raise EvaluateError(f"{target} has no complete checkpoint (looked for {ckpt.checkpoint_root(target)}/step_N "
                             f"with a {ckpt.COMMIT_MARKER} marker).")
     if step is None or step == "latest":
-        return found[-1][1]
+        newest = found[-1][1]
+        problem = ckpt.checkpoint_problem(newest)
+        if problem:
+            good = ckpt.find_latest_checkpoint(target, on_skip=None)
+            raise EvaluateError(f"{problem} " + (f"The newest good checkpoint is {good.name}: evaluate it with step="
+                                                 f"{good.name.split('_')[-1]}." if good else "No checkpoint of the run verifies."))
+        return newest
     if step == "best":
         state = ckpt.load_torch(found[-1][1] / "trainer_state.pt")
         best = state.get("best_step") if isinstance(state, dict) else None
@@ -132,12 +147,18 @@ def resolve_checkpoint(target: Path, step: str | None) -> Path:
     by_step = dict(found)
     if int(step) not in by_step:
         raise EvaluateError(f"{target} has no complete checkpoint at step {step}; it has steps {sorted(by_step)}.")
+    ckpt.verify_checkpoint(by_step[int(step)])
     return by_step[int(step)]
 
 
 def _check_overrides(overrides: list[str], checkpoint: Path) -> None:
     for override in overrides:
         key = override.split("=", 1)[0].strip()
+        if not is_schema_key(key):
+            close = difflib.get_close_matches(key, [*EVAL_OVERRIDES, "config", "step", "out"], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else did_you_mean(key)
+            raise EvaluateError(f"Unknown key '{key}' on the command line.{hint} Keys an evaluation may set: "
+                                f"config=, step=, out= and {', '.join(EVAL_OVERRIDES)}.")
         if key not in EVAL_OVERRIDES:
             raise EvaluateError(
                 f"Override '{key}' would change the model or the training setup that checkpoint {checkpoint} was "
@@ -219,7 +240,7 @@ def evaluate(request: Request) -> dict[str, Any]:
         checkpoint = None
         _check_overrides(request.overrides, target)
         state_dict, export_info = _export_weights(target)
-        cfg = load_config(target / "config.yaml", request.overrides)
+        cfg = load_saved_config(target / "config.yaml", request.overrides)
         # The exported weights ARE the EMA weights when the run kept an EMA: evaluate them as they are.
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, ema=False))
     elif target.is_file():
@@ -234,10 +255,11 @@ def evaluate(request: Request) -> dict[str, Any]:
                                 f"config.yaml (change evaluation keys with key=value).")
         checkpoint = resolve_checkpoint(target, request.step)
         _check_overrides(request.overrides, checkpoint)
-        cfg = load_config(checkpoint / "config.yaml", request.overrides)
+        cfg = load_saved_config(checkpoint / "config.yaml", request.overrides)
+    cli.check_device(cfg.device)
     try:
         ops.set_backend(cfg.kernels)
-    except ValueError as err:
+    except (ValueError, RuntimeError) as err:
         raise ConfigError(f"kernels={cfg.kernels}: {err}") from None
 
     world = init_world(cfg.device, cfg.train.collective_timeout_minutes)
@@ -303,20 +325,19 @@ def evaluate(request: Request) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2: a request error, explained on stderr)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        result = evaluate(parse_args(argv))
-    except (EvaluateError, ConfigError, DatasetError, ckpt.CheckpointError) as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"trm.evaluate: error: {err}", file=sys.stderr)
-        return 2
+def _evaluate_command(argv: list[str]) -> int:
+    result = evaluate(parse_args(argv))
     if "out" in result:
         metrics = result["metrics"]
         print("evaluation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         print(f"results written to {result['out']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: a request error, explained on stderr; 130: interrupted)."""
+    return cli.run("trm.evaluate", _evaluate_command, argv,
+                   interrupted="nothing was written; run the same command again to evaluate")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Export a checkpoint to a self-contained folder that loads without unpickling anything.
 
+    python -m trm.export runs/tiny --out exports/tiny                # the run's best checkpoint (else its latest)
+    python -m trm.export runs/tiny --step latest --out exports/tiny  # or --step N
     python -m trm.export runs/tiny/checkpoints/step_1000 --out exports/tiny
+    python -m trm.export runs/tiny --out exports/tiny --force        # replace an earlier export
 
-writes into ``--out``::
+writes the folder ``--out``::
 
     model.safetensors   every tensor of model.state_dict(): the EMA weights when the run kept an
                         EMA (as evaluation uses), the puzzle-embedding table (gathered when it was
@@ -15,7 +18,9 @@ writes into ``--out``::
 reads only safetensors, YAML and JSON. Reading a checkpoint uses ``torch.load(weights_only=True)``
 on the trainer's own files; the one exception is a ZeRO-3 checkpoint without an EMA, whose full
 weights exist only in DeepSpeed's optimizer shards and are gathered by DeepSpeed's own converter.
-The folder is written under a temporary name and renamed, so a reader never sees half an export.
+The folder is written under a temporary name next to ``--out`` and renamed into place, so a reader
+never sees half an export. ``--out`` must be new, an empty folder, or (with ``--force``) a previous
+export: a folder holding anything else is refused, so an export never deletes a user's files.
 
 Test: ``pytest tests/test_export_plot.py tests/test_serve.py -k export``.
 """
@@ -33,14 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from trm.config import Config, ConfigError, load_config, to_dict, to_yaml
+from trm import cli
+from trm.config import Config, ConfigError, load_saved_config, to_dict, to_yaml
 from trm.train import checkpoint as ckpt
 
 EXPORT_FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 INFO_FILE = "export.json"
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE)
+"""Everything an export folder holds (and all that ``--force`` may replace)."""
 PUZZLE_TABLE_KEY = "inner.puzzle_emb.weights"
 EMBED_KEY = "inner.embed_tokens.embedding_weight"
 
@@ -71,6 +80,13 @@ def _zero3_weights(path: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
 
 
+def _check_complete(path: Path) -> None:
+    if not ckpt.is_complete(path):
+        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
+                          f"(its save did not finish). Export the run folder instead (python -m trm.export RUN_DIR "
+                          f"--out DIR), which takes its best or latest complete checkpoint.")
+
+
 def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor], dict[str, Any]]:
     """(config, full model state dict, export info) of a COMPLETE checkpoint folder."""
     from trm.train.trainer import CHECKPOINT_FORMAT
@@ -78,11 +94,10 @@ def checkpoint_weights(path: str | Path) -> tuple[Config, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"{path} is not a directory; pass a checkpoint folder such as <run_dir>/checkpoints/step_N.")
-    if not ckpt.is_complete(path):
-        raise ExportError(f"{path} has no {ckpt.COMMIT_MARKER} marker: it is not a complete checkpoint "
-                          f"(pick one listed by find_latest_checkpoint, e.g. <run_dir>/checkpoints/step_N).")
+    _check_complete(path)
     try:
-        cfg = load_config(path / CONFIG_FILE)
+        ckpt.verify_checkpoint(path)
+        cfg = load_saved_config(path / CONFIG_FILE)
         state = ckpt.load_torch(path / "trainer_state.pt")
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ExportError(f"{path}/trainer_state.pt is not a trainer state of format {CHECKPOINT_FORMAT}.")
@@ -138,27 +153,112 @@ def _build(cfg: Config, dims: dict[str, int]) -> torch.nn.Module:
     return build_model({**to_dict(cfg.model), **dims, "batch_size": 1})
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the export folder ``out`` (atomically); return it. An existing ``out`` is replaced."""
+def _is_our_export(path: Path) -> bool:
+    """A folder holding exactly the files an export writes, with a readable export.json of ours."""
+    if not is_export_dir(path) or {p.name for p in path.iterdir()} != set(EXPORT_FILES):
+        return False
+    try:
+        return json.loads((path / INFO_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: str | Path, force: bool = False) -> Path:
+    """``out`` if an export may be written there: a new path, an empty folder, or (``force``) a
+    previous export; an ExportError saying what to do otherwise. Creates the parent folder."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ExportError(f"--out {out} is a symbolic link; give the folder it points to, or a new path.")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file, not a folder: an export is a folder ({', '.join(EXPORT_FILES)}). "
+                          f"Give a folder path that does not exist yet, e.g. exports/{out.stem or 'model'}.")
+    if out.is_dir() and any(out.iterdir()):
+        if not _is_our_export(out):
+            names = sorted(p.name for p in out.iterdir())
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ExportError(f"--out {out} is not empty and is not an export (it holds {shown}); trm.export "
+                              f"never writes into a folder with other files{', not even with --force' if force else ''}. "
+                              f"Give a new or empty folder, e.g. exports/{out.name}.")
+        if not force:
+            raise ExportError(f"--out {out} already holds an export; pass --force to replace it, or give another folder.")
+    cli.ensure_writable_dir(out.parent, "the folder of --out", f"Give an --out (now {out}) in a folder you may write.",
+                           create=False)
+    return out
+
+
+def _replace_dir(fresh: Path, out: Path) -> None:
+    """Put the folder ``fresh`` at ``out`` by renames: an existing ``out`` (empty, or an export of
+    ours) is moved aside first and deleted only once ``fresh`` is in place."""
+    if not out.exists():
+        os.replace(fresh, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, aside / out.name)
+    try:
+        os.replace(fresh, out)
+    except OSError:
+        os.replace(aside / out.name, out)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write the export folder ``out`` (atomically); return it. ``out`` must be new or an empty
+    folder; a previous export is replaced only with ``force`` (never a folder with other files)."""
     from safetensors.torch import save_file
 
+    out = check_out(out, force)
     cfg, weights, info = checkpoint_weights(checkpoint)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "step": str(info["step"])})
         (tmp / CONFIG_FILE).write_text(to_yaml(cfg))
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        for name in (WEIGHTS_FILE, CONFIG_FILE, INFO_FILE):
+        for name in EXPORT_FILES:
             os.chmod(tmp / name, 0o644)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        check_out(out, force)  # again: the folder may have changed while the weights were read
+        _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def choose_checkpoint(source: str | Path, step: str | None = None) -> tuple[Path, str]:
+    """(checkpoint folder, why it was chosen) for ``source``: a checkpoint folder, or a run folder
+    whose best checkpoint (``train.best_metric``), else latest, is taken; ``step``: N | best | latest."""
+    source = Path(source)
+    if not source.exists():
+        raise ExportError(f"{source} does not exist; give a run folder (e.g. runs/tiny) or one of its checkpoints "
+                          f"(<run_dir>/checkpoints/step_N).")
+    if ckpt.STEP_DIR.match(source.name) or (source / "trainer_state.pt").exists():
+        if step is not None:
+            raise ExportError(f"--step applies to a run folder; {source} is already one checkpoint.")
+        _check_complete(source)
+        return source, "the checkpoint given"
+    found = ckpt.list_checkpoints(source)
+    if not found:
+        raise ExportError(f"{source} is neither a checkpoint folder nor a run folder with a complete checkpoint "
+                          f"(looked for {ckpt.checkpoint_root(source)}/step_N with a {ckpt.COMMIT_MARKER} marker).")
+    by_step = dict(found)
+    latest_step, latest = found[-1]
+    if step == "latest":
+        return latest, "the latest checkpoint (--step latest)"
+    if step is None or step == "best":
+        state = ckpt.load_torch(latest / "trainer_state.pt")
+        best = state.get("best_step") if isinstance(state, dict) else None
+        if best in by_step:
+            metric = OmegaConf.select(OmegaConf.load(latest / CONFIG_FILE), "train.best_metric", default="evaluation")
+            return by_step[best], f"the best checkpoint ({metric} = {state.get('best_value')})"
+        if step == "best":
+            raise ExportError(f"{source} has no best checkpoint on disk (best step: {best}); give --step N or latest.")
+        return latest, "the latest checkpoint (the run has no evaluated best one on disk)"
+    if not step.isdigit() or int(step) not in by_step:
+        raise ExportError(f"--step {step}: {source} has complete checkpoints at steps {sorted(by_step)}; "
+                          f"give one of them, best or latest.")
+    return by_step[int(step)], f"step {step} (--step)"
 
 
 @dataclass
@@ -186,7 +286,7 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu") ->
                           f"make one with `python -m trm.export CHECKPOINT --out {path}`.")
     try:
         info = json.loads((path / INFO_FILE).read_text())
-        cfg = load_config(path / CONFIG_FILE)
+        cfg = load_saved_config(path / CONFIG_FILE)
         weights = load_file(str(path / WEIGHTS_FILE), device="cpu")
     except (OSError, ValueError, ConfigError, SafetensorError) as err:
         raise ExportError(f"Export folder {path} cannot be read: {err}") from None
@@ -200,20 +300,30 @@ def load_exported_model(path: str | Path, device: str | torch.device = "cpu") ->
     return ExportedModel(model.to(device).eval(), cfg, info, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trm.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a complete checkpoint folder, e.g. runs/tiny/checkpoints/step_1000")
-    parser.add_argument("--out", required=True, help="export folder to write (replaced if it exists)")
+def _export_command(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m trm.export", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a run folder (its best checkpoint, else its latest) or a checkpoint "
+                                       "folder such as runs/tiny/checkpoints/step_1000")
+    parser.add_argument("--out", required=True, help="export folder to write: a new path or an empty folder")
+    parser.add_argument("--step", default=None, help="with a run folder: N, best (default, else latest) or latest")
+    parser.add_argument("--force", action="store_true", help="replace --out when it holds a previous export "
+                                                             "(never a folder with other files)")
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.checkpoint, args.out)
-    except ExportError as err:
-        print(f"trm.export: error: {err}", file=sys.stderr)
-        return 2
+    checkpoint, why = choose_checkpoint(args.source, args.step)
+    check_out(args.out, args.force)
+    print(f"exporting {checkpoint}: {why}", flush=True)
+    out = export_checkpoint(checkpoint, args.out, force=args.force)
     info = json.loads((out / INFO_FILE).read_text())
     print(f"exported step {info['step']} ({info['parameters']:,} parameters, "
           f"{'EMA' if info['ema'] else 'raw'} weights, task {info['task']}) to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error explained on stderr)."""
+    return cli.run("trm.export", _export_command, argv,
+                   interrupted="nothing was changed (an export is renamed into place only once complete)")
 
 
 if __name__ == "__main__":

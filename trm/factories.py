@@ -125,7 +125,7 @@ def _directory_dataset(cfg: Config, world: World) -> PuzzleDataset:
     from trm.data.curriculum import CurriculumSchedule
 
     return PuzzleDataset(cfg.data.path, seed=cfg.seed, augment=cfg.data.augment, eval_split=cfg.data.eval_split,
-                         curriculum=CurriculumSchedule.from_config(cfg.curriculum))
+                         curriculum=CurriculumSchedule.from_config(cfg.curriculum), sample_unit=cfg.data.sample_unit)
 
 
 @register_dataset_wrapper("rag")

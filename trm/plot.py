@@ -13,10 +13,10 @@ Test: ``pytest tests/test_export_plot.py -k plot``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from trm import cli
 from trm.train.metrics import read_metrics
 
 PLOT_FILE = "learning_curves.png"
@@ -50,7 +50,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
     if not rows:
-        raise FileNotFoundError(f"{run_dir / 'metrics.jsonl'} is missing or empty; is {run_dir} a run folder?")
+        raise cli.CommandError(f"{run_dir / 'metrics.jsonl'} is missing or empty: {run_dir} is not a run folder, or its "
+                               f"run has not logged a step yet. Give the run_dir of a run (e.g. runs/tiny).")
     panels = [(title, [k for k in keys if _series(rows, k)[0]], log) for title, keys, log in PANELS]
     panels = [p for p in panels if p[1]]
     cols = 3
@@ -84,18 +85,18 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trm.plot", description="PNG learning curves of a run.")
+def _plot_command(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m trm.plot", description="PNG learning curves of a run.")
     parser.add_argument("run_dir", help="a run folder (with metrics.jsonl)")
     parser.add_argument("--out", default=None, help=f"PNG to write (default RUN_DIR/{PLOT_FILE})")
     args = parser.parse_args(argv)
-    try:
-        out = plot_run(args.run_dir, args.out)
-    except FileNotFoundError as err:
-        print(f"trm.plot: error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error explained on stderr)."""
+    return cli.run("trm.plot", _plot_command, argv)
 
 
 if __name__ == "__main__":

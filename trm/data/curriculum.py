@@ -45,7 +45,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from trm.data.format import DatasetError, SplitData, split_file
-from trm.data.stream import SampleStream
+from trm.data.stream import SampleStream, make_stream
 
 DIFFICULTY_MEASURES = ("changed_cells", "answer_cells", "stored")
 DEPTH_KEYS = ("halt_max_steps", "H_cycles", "L_cycles")
@@ -177,12 +177,12 @@ class CurriculumSampler:
     its stream built) up front, so an empty stage fails before training starts.
     """
 
-    def __init__(self, split: SplitData, seed: int, schedule: CurriculumSchedule, difficulty: np.ndarray):
+    def __init__(self, split: SplitData, seed: int, schedule: CurriculumSchedule, difficulty: np.ndarray, sample_unit: str = "example"):
         difficulty = np.asarray(difficulty, dtype=np.float64)
         if difficulty.shape != (split.num_examples,):
             raise ValueError(f"difficulty has shape {difficulty.shape}, expected ({split.num_examples},)")
         self.schedule = schedule
-        self.full = SampleStream(split, seed)
+        self.full = make_stream(split, seed, sample_unit)
         self._subsets: list[tuple[SampleStream, np.ndarray] | None] = []
         for i, stage in enumerate(schedule.stages):
             if not stage.restricts_data:
@@ -197,7 +197,7 @@ class CurriculumSampler:
                     f"[{stage.min_difficulty}, {stage.max_difficulty}] ({schedule.difficulty}) but the training "
                     f"examples range over [{difficulty.min():g}, {difficulty.max():g}]. Widen the range."
                 )
-            self._subsets.append((SampleStream(_subset_offsets(split, kept), seed), kept))
+            self._subsets.append((make_stream(_subset_offsets(split, kept), seed, sample_unit), kept))
 
     def indices(self, global_positions: np.ndarray, step: int | None) -> np.ndarray:
         """Example indices of the positions, drawn at optimizer step ``step`` (None: the full stream)."""

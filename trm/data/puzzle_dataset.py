@@ -1,6 +1,7 @@
 """The dataset the trainer sees: a directory in the reference layout, as tensors.
 
-Training samples are addressed by GLOBAL sample index (``SampleStream``): sample ``k`` is the
+Training samples are addressed by GLOBAL sample index (``SampleStream``, or ``PuzzleStream`` with
+``sample_unit="puzzle"``: whole puzzles, their examples adjacent): sample ``k`` is the
 same example, with the same on-the-fly augmentation, whatever the world size, and the run's
 data position is one integer. Labels equal to the dataset's ``ignore_label_id`` become -100.
 With a curriculum (``trm.data.curriculum``) the example of sample ``k`` also depends on the
@@ -16,7 +17,7 @@ import torch
 
 from trm.data.curriculum import CurriculumSampler, CurriculumSchedule, example_difficulty
 from trm.data.format import SplitData, load_split
-from trm.data.stream import SampleStream
+from trm.data.stream import make_stream
 from trm.ops.reference import IGNORE_LABEL_ID
 
 AUGMENTATIONS = ("none", "sudoku", "maze")
@@ -26,7 +27,7 @@ class PuzzleDataset:
     """Train split + evaluation split of one dataset directory."""
 
     def __init__(self, path: str | Path, seed: int, augment: str = "none", eval_split: str = "test",
-                 curriculum: CurriculumSchedule | None = None):
+                 curriculum: CurriculumSchedule | None = None, sample_unit: str = "example"):
         if augment not in AUGMENTATIONS:
             raise ValueError(f"Unknown augmentation '{augment}'; choose one of {AUGMENTATIONS}.")
         self.path = Path(path)
@@ -40,11 +41,12 @@ class PuzzleDataset:
                 f"Splits of {self.path} disagree: train has seq_len {meta.seq_len} / vocab {meta.vocab_size}, "
                 f"{eval_split} has {eval_meta.seq_len} / {eval_meta.vocab_size}. Rebuild the dataset."
             )
-        self.stream = SampleStream(self.train, seed)
+        self.sample_unit = sample_unit
+        self.stream = make_stream(self.train, seed, sample_unit)
         self.curriculum = curriculum
         self.sampler = None
         if curriculum is not None and any(stage.restricts_data for stage in curriculum.stages):
-            self.sampler = CurriculumSampler(self.train, seed, curriculum, self.train_difficulty(curriculum.difficulty))
+            self.sampler = CurriculumSampler(self.train, seed, curriculum, self.train_difficulty(curriculum.difficulty), sample_unit)
 
     def train_difficulty(self, measure: str = "changed_cells") -> np.ndarray:
         """Difficulty of every training example (float64 [num_examples]); see ``trm.data.curriculum``."""

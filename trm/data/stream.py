@@ -1,6 +1,8 @@
 """The training sample stream: example index as a pure function of the global sample index.
 
-Semantics (the reference's group sampler, one example per draw)::
+Two sampling units (``data.sample_unit``), both the reference's group sampler.
+
+``example`` (:class:`SampleStream`), one example per draw::
 
     G        = number of groups
     epoch    = k // G,   slot = k % G
@@ -8,17 +10,25 @@ Semantics (the reference's group sampler, one example per draw)::
     puzzle   = group_start  + floor(u0 * group_size)     u = keyed_uniforms(seed, k): two U[0, 1) draws
     example  = puzzle_start + floor(u1 * puzzle_size)
 
+``puzzle`` (:class:`PuzzleStream`), the reference's rule: draw ``d`` (epoch ``d // G``, slot
+``d % G``) takes the group ``perm_epoch[slot]``, picks one of its puzzles uniformly
+(``keyed_uniforms(seed, d)``) and contributes ALL that puzzle's examples, in a random order keyed
+by their positions; the draws' examples are laid end to end, so global position ``k`` is the
+``k``-th example of that sequence and a puzzle's examples sit at adjacent positions. When every
+group's puzzles have one size (every builder here: ARC versions of a task, Sudoku, Maze) an epoch
+spans a fixed number of positions and ``k`` is located in O(1); otherwise the epochs' lengths are
+summed once, lazily, up to the epoch of ``k``.
+
 So every epoch visits every group exactly once, in a fresh order, and any ``k`` is computed
-without generating the ones before it. A run's data position is one integer (the next global
+without generating the samples before it. A run's data position is one integer (the next global
 index); rank ``r`` of ``world`` owns the positions ``p`` with ``p % world == r``, so a resumed run
 may use a different world size and still read exactly the samples the uninterrupted run would.
-
-Unlike the reference, which puts every example of the drawn puzzle into the batch, one draw gives
-one example (identical for datasets with one example per puzzle, such as Sudoku and Maze).
+(With datasets of one example per puzzle, Sudoku and Maze, the two units draw alike: one example
+per group per epoch.)
 
 Usage::
 
-    stream = SampleStream(load_split("data/sudoku", "train"), seed=0)
+    stream = make_stream(load_split("data/arc1", "train"), seed=0, unit="puzzle")
     first = stream.take(768)                      # next 768 example indices, advances stream.position
     mine = stream.take_shard(768, rank, world)    # this rank's share of the next global batch
     state = stream.state_dict()                   # {"position": ..., "seed": ...}
@@ -37,6 +47,10 @@ KEY_BLOCK = 1024
 
 _PERMUTATION_SALT = 0
 _CHOICE_SALT = 1
+_PUZZLE_CHOICE_SALT = 2
+_EXAMPLE_ORDER_SALT = 3
+SAMPLE_UNITS = ("example", "puzzle")
+"""Values of ``data.sample_unit``: what one draw of a group contributes (see the module docstring)."""
 
 
 def _check_seed(seed: int) -> int:
@@ -177,6 +191,87 @@ class SampleStream:
         if position < 0:
             raise ValueError(f"SampleStream state has a negative position {position}")
         self.position = position
+
+
+class PuzzleStream(SampleStream):
+    """Whole-puzzle sampling (``data.sample_unit: puzzle``; see the module docstring): position
+    ``k`` is the ``k``-th example of the sequence of puzzle draws, each draw giving all the
+    examples of one puzzle of its group, adjacent, in a random order."""
+
+    def __init__(self, split: SplitData | tuple[np.ndarray, np.ndarray], seed: int):
+        super().__init__(split, seed)
+        self.puzzle_sizes = np.diff(self.puzzle_indices)
+        first_size = self.puzzle_sizes[self.group_indices[:-1]]
+        group_of_puzzle = np.repeat(np.arange(self.num_groups), np.diff(self.group_indices))
+        self.uniform_groups = bool((self.puzzle_sizes == first_size[group_of_puzzle]).all())
+        self.epoch_length = int(first_size.sum()) if self.uniform_groups else None
+        """Positions per epoch when every group's puzzles have one size (else None: epochs vary)."""
+        self._epoch_starts = [0]  # varying epochs: start position of epochs 0, 1, ... (extended lazily)
+        self._layouts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(puzzle of each slot [G], example offset of each slot within the epoch [G + 1])."""
+        layout = self._layouts.get(epoch)
+        if layout is None:
+            groups = self.epoch_permutation(epoch)
+            draws = epoch * self.num_groups + np.arange(self.num_groups, dtype=np.int64)
+            puzzles = _pick(self.group_indices, groups, keyed_uniforms(self.seed, _PUZZLE_CHOICE_SALT, draws, 1)[:, 0])
+            offsets = np.concatenate([[0], np.cumsum(self.puzzle_sizes[puzzles])])
+            if len(self._layouts) >= 4:
+                self._layouts.pop(next(iter(self._layouts)))
+            layout = self._layouts[epoch] = (puzzles, offsets)
+        return layout
+
+    def epoch_start(self, epoch: int) -> int:
+        """First global position of ``epoch``."""
+        if self.epoch_length is not None:
+            return epoch * self.epoch_length
+        while len(self._epoch_starts) <= epoch:
+            self._epoch_starts.append(self._epoch_starts[-1] + int(self.epoch_layout(len(self._epoch_starts) - 1)[1][-1]))
+        return self._epoch_starts[epoch]
+
+    def _epochs_of(self, positions: np.ndarray) -> np.ndarray:
+        if self.epoch_length is not None:
+            return positions // self.epoch_length
+        if len(positions):
+            while self.epoch_start(len(self._epoch_starts) - 1) <= positions.max():
+                self.epoch_start(len(self._epoch_starts))
+        return np.searchsorted(np.array(self._epoch_starts), positions, side="right") - 1
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample."""
+        return int(self._epochs_of(np.array([self.position]))[0])
+
+    def indices(self, global_positions: np.ndarray) -> np.ndarray:
+        """Example index (int64) of each global position; a pure function of (dataset, seed, position)."""
+        positions = _as_positions(global_positions)
+        flat = positions.reshape(-1)
+        out = np.zeros(len(flat), np.int64)
+        epochs = self._epochs_of(flat)
+        for epoch in np.unique(epochs).tolist():
+            mine = np.flatnonzero(epochs == epoch)
+            start = self.epoch_start(epoch)
+            puzzles, offsets = self.epoch_layout(epoch)
+            slots = np.searchsorted(offsets, flat[mine] - start, side="right") - 1
+            # every draw touched: its span of positions, and a random order of its examples
+            drawn, which = np.unique(slots, return_inverse=True)
+            sizes = self.puzzle_sizes[puzzles[drawn]]
+            segment = np.concatenate([[0], np.cumsum(sizes)])
+            owner = np.repeat(np.arange(len(drawn)), sizes)
+            local = np.arange(segment[-1]) - segment[owner]
+            keys = keyed_uniforms(self.seed, _EXAMPLE_ORDER_SALT, start + offsets[drawn][owner] + local, 1)[:, 0]
+            order = np.lexsort((keys, owner)) - segment[owner]  # per draw: a permutation of its examples
+            within = flat[mine] - start - offsets[slots]
+            out[mine] = self.puzzle_indices[puzzles[slots]] + order[segment[which] + within]
+        return out.reshape(positions.shape)
+
+
+def make_stream(split: SplitData | tuple[np.ndarray, np.ndarray], seed: int, unit: str = "example") -> SampleStream:
+    """The stream of ``data.sample_unit`` ``unit`` ("example" or "puzzle") over ``split``."""
+    if unit not in SAMPLE_UNITS:
+        raise ValueError(f"unknown sample unit {unit!r}; choose one of {SAMPLE_UNITS}")
+    return PuzzleStream(split, seed) if unit == "puzzle" else SampleStream(split, seed)
 
 
 def _pick(offsets: np.ndarray, owners: np.ndarray, uniforms: np.ndarray) -> np.ndarray:

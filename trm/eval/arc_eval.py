@@ -14,8 +14,11 @@ of 12 tokens), every evaluation also
    vote counts), the same numbers on every rank, and writes the validated ARC Prize
    ``submission.json`` (2 attempts) on rank 0.
 
-Votes start afresh at each evaluation unless ``train.arc_vote_accumulate`` (then they pile up
-over the evaluations of one process; they are not part of checkpoints).
+Protocol (the defaults are the reference's ``evaluators/arc.py``): votes pile up over the
+evaluations of one process (``train.arc_vote_accumulate``; they are not part of checkpoints, so a
+resumed run votes from its restart on), an empty crop is a candidate
+(``train.arc_abstain_empty=true``: it casts no vote), pass@{1,2,5,10,100,1000}
+(``train.arc_pass_ks``).
 
 Usage (what ``Trainer.evaluate`` does)::
 
@@ -39,7 +42,7 @@ import torch
 from trm.config import ConfigError
 from trm.data.arc import BUILD_INFO_FILE, SEQ_LEN, TEST_PUZZLES_FILE, VOCAB_SIZE
 from trm.data.format import DatasetError
-from trm.eval.arc_vote import ArcEvalSet, ArcVoter
+from trm.eval.arc_vote import PASS_KS, ArcEvalSet, ArcVoter
 from trm.train.distributed import all_gather_cat, all_reduce_sum
 
 METRIC_PREFIX = "eval/arc/"
@@ -56,13 +59,14 @@ def is_arc_dataset(root: str | Path) -> bool:
 class ArcEvaluation:
     """Collects the max-steps predictions of one evaluation on every rank and votes on rank 0."""
 
-    def __init__(self, eval_set: ArcEvalSet, ks: Sequence[int] = (1, 2), accumulate: bool = False,
-                 query_slice: slice | None = None, is_main: bool = True, device: str | torch.device = "cpu"):
+    def __init__(self, eval_set: ArcEvalSet, ks: Sequence[int] = PASS_KS, accumulate: bool = True,
+                 query_slice: slice | None = None, is_main: bool = True, device: str | torch.device = "cpu",
+                 abstain_empty: bool = False):
         ks = list(ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
             raise ConfigError(f"train.arc_pass_ks must be a non-empty list of integers >= 1 (e.g. [1, 2]), got {ks}.")
         self.ks = sorted({int(k) for k in ks})
-        self.voter = ArcVoter(eval_set, accumulate=accumulate)
+        self.voter = ArcVoter(eval_set, accumulate=accumulate, abstain_empty=abstain_empty)
         self.query_slice = query_slice
         self.is_main = is_main
         self.device = torch.device(device)
@@ -90,7 +94,8 @@ class ArcEvaluation:
                 print(f"trm: ARC voting is off for data.eval_split={split} ({err}); it scores the test split.", file=sys.stderr)
             return None
         query_slice = getattr(dataset, "query_slice", None)
-        return cls(eval_set, cfg.train.arc_pass_ks, cfg.train.arc_vote_accumulate, query_slice, world.is_main, world.device)
+        return cls(eval_set, cfg.train.arc_pass_ks, cfg.train.arc_vote_accumulate, query_slice, world.is_main, world.device,
+                   cfg.train.arc_abstain_empty)
 
     def begin(self) -> None:
         """Start an evaluation (votes are cleared unless accumulating)."""

@@ -3,7 +3,9 @@
 For every example of an ARC test split (one augmented version of one test input of one task),
 the model predicts a 30x30 token canvas and a halting logit ``q_halt``. The evaluator
 
-1. crops the canvas to its grid (:func:`trm.data.arc.decode_grid`; an empty crop abstains),
+1. crops the canvas to its grid (:func:`trm.data.arc.decode_grid`); an empty crop (the canvas
+   does not start with a colour) is a candidate like any other grid, as in the reference
+   (``abstain_empty=True``: it casts no vote instead),
 2. undoes the version's augmentation (transform and colour permutation, read from the puzzle
    identifier's name in ``identifiers.json``, the reference's naming),
 3. votes per (task, test input): identical grids pool their votes and their ``sigmoid(q_halt)``,
@@ -12,17 +14,21 @@ the model predicts a 30x30 token canvas and a halting logit ``q_halt``. The eval
    its solution is among the top k; a task scores the fraction of its test inputs solved;
    pass@k is the mean over the tasks with known solutions (``test_puzzles.json``).
 
-Votes are per evaluation: :meth:`ArcVoter.begin_evaluation` clears them, unless the voter was
-made with ``accumulate=True`` (the reference's behaviour: votes pile up across evaluations).
-Within one evaluation an example index counts once (repeats, e.g. padding of a distributed
-sampler, are ignored).
+The defaults are the reference's ``evaluators/arc.py`` (``aggregated_voting=True``): votes pile
+up across the evaluations of a run (:meth:`ArcVoter.begin_evaluation` keeps them;
+``accumulate=False``: each evaluation votes afresh), pass@k for :data:`PASS_KS`, and a task whose
+solutions are unknown is not scored. Within one evaluation an example index counts once
+(repeats, e.g. padding of a distributed sampler, are ignored). Where the reference differs:
+votes are keyed by test input index (the reference pools identical test inputs of a task) and
+exact ties of (votes, mean confidence) are broken by the grid bytes (the reference: arrival
+order); the submission skips empty candidates (an empty grid is not a valid ARC answer).
 
 Usage::
 
     voter = ArcVoter(ArcEvalSet.from_dataset("data/arc1"))
     voter.begin_evaluation()
     voter.add(example_indices, predicted_tokens, q_halt_logits)   # any number of batches
-    print(voter.results(ks=(1, 2, 10)))                           # {"pass@1": ..., "pass@2": ...}
+    print(voter.results())                                        # {"pass@1": ..., "pass@2": ..., "pass@1000": ...}
     voter.write_submission("run/submission.json")                 # validated ARC Prize format
 
 Tests: ``pytest tests/test_arc.py``.
@@ -39,6 +45,10 @@ import numpy as np
 
 from trm.data.arc import GRID_SIZE, NUM_COLOURS, SEQ_LEN, TEST_PUZZLES_FILE, as_grid, decode_grid, invert_grid, parse_version_name
 from trm.data.format import DatasetError, load_identifiers, load_split
+
+
+PASS_KS = (1, 2, 5, 10, 100, 1000)
+"""The k of pass@k the reference's ARC evaluator reports."""
 
 
 class SubmissionError(ValueError):
@@ -153,9 +163,10 @@ def _grid_key(grid: np.ndarray) -> bytes:
 class ArcVoter:
     """Accumulates votes of augmented predictions and scores them (see the module docstring)."""
 
-    def __init__(self, eval_set: ArcEvalSet, accumulate: bool = False):
+    def __init__(self, eval_set: ArcEvalSet, accumulate: bool = True, abstain_empty: bool = False):
         self.eval_set = eval_set
         self.accumulate = accumulate
+        self.abstain_empty = abstain_empty
         self._votes: dict[tuple[int, int], dict[bytes, Candidate]] = {}
         self._seen: set[int] = set()
         self.abstained = 0
@@ -192,9 +203,11 @@ class ArcVoter:
             self._seen.add(example)
             grid = decode_grid(preds[row])
             if grid.size == 0:
-                self.abstained += 1
-                continue
-            grid = invert_grid(grid, int(es.example_transform[example]), es.example_colours[example])
+                if self.abstain_empty:
+                    self.abstained += 1
+                    continue
+            else:
+                grid = invert_grid(grid, int(es.example_transform[example]), es.example_colours[example])
             tally = self._votes.setdefault((int(es.example_task[example]), int(es.example_test[example])), {})
             key = _grid_key(grid)
             if key in tally:
@@ -209,7 +222,7 @@ class ArcVoter:
         order = sorted(tally, key=lambda k: (-tally[k].votes, -tally[k].mean_confidence, k))
         return [tally[k] for k in order]
 
-    def results(self, ks: Sequence[int] = (1, 2)) -> dict[str, float]:
+    def results(self, ks: Sequence[int] = PASS_KS) -> dict[str, float]:
         """``pass@k`` (ARC Prize scoring: mean over tasks of the fraction of test inputs whose
         solution is in the top k), ``input_pass@k`` (fraction of test inputs), and counts."""
         ks = sorted({int(k) for k in ks})
@@ -251,7 +264,8 @@ class ArcVoter:
     def submission(self, attempts: int = 2) -> dict[str, list[dict[str, list[list[int]]]]]:
         """ARC Prize submission: per task, per test input, ``attempt_1 .. attempt_<attempts>`` grids.
 
-        Missing candidates repeat the last one; a test input with no vote at all gets [[0]].
+        Empty candidates are skipped (not a valid ARC grid); missing candidates repeat the last
+        one; a test input with no non-empty candidate gets [[0]].
         """
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -259,7 +273,7 @@ class ArcVoter:
         for t, task_id in enumerate(self.eval_set.task_ids):
             entries = []
             for j in range(len(self.eval_set.solutions[t])):
-                grids = [c.grid.tolist() for c in self.ranked(t, j)[:attempts]] or [[[0]]]
+                grids = [c.grid.tolist() for c in self.ranked(t, j) if c.grid.size][:attempts] or [[[0]]]
                 grids += [grids[-1]] * (attempts - len(grids))
                 entries.append({f"attempt_{a + 1}": grids[a] for a in range(attempts)})
             out[task_id] = entries
@@ -359,4 +373,4 @@ def score_submission(submission: Mapping[str, Any], solutions: Mapping[str, Iter
     return float(np.mean(scores)) if scores else 0.0
 
 
-__all__ = ["ArcEvalSet", "ArcVoter", "Candidate", "SubmissionError", "score_submission", "validate_submission"]
+__all__ = ["PASS_KS", "ArcEvalSet", "ArcVoter", "Candidate", "SubmissionError", "score_submission", "validate_submission"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import sys
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,17 @@ def build_service(source: str | Path, *, token: str | None = None, device: str =
     return Service(app, slot, batcher)
 
 
+def check_port(host: str, port: int) -> None:
+    """ServeError when ``host:port`` cannot be listened on (taken, or not an address of this machine)."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host.strip("[]"), port))
+    except OSError as err:
+        raise ServeError(f"Cannot listen on {host}:{port} ({err.strerror or err}): another program may use the port, "
+                         f"or {host} is not an address of this machine. Pick another --port or --host.") from None
+
+
 def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           log_level: str = "info", **options: Any) -> None:
     """Run the service until interrupted (``options``: see ``build_service``)."""
@@ -100,6 +111,7 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, toke
 
     token = token or os.environ.get(TOKEN_ENV) or None
     check_bind(host, token)
+    check_port(host, port)
     service = build_service(source, token=token, **options)
     try:
         uvicorn.run(service.app, host=host, port=port, log_level=log_level)
@@ -110,11 +122,7 @@ def serve(source: str | Path, *, host: str = "127.0.0.1", port: int = 8000, toke
 def serve_config(cfg: Any) -> int:
     """``python -m trm.train CONFIG mode=service``: serve the config's run_dir with its ``serve`` settings."""
     s = cfg.serve
-    try:
-        serve(cfg.run_dir, host=s.host, port=s.port, device=cfg.device, kernels=cfg.kernels, max_batch=s.max_batch,
-              batch_wait_ms=s.batch_wait_ms, poll_seconds=s.poll_seconds, max_grids=s.max_grids_per_request,
-              max_body_bytes=s.max_body_bytes, follow_run=True)
-    except ServeError as err:
-        print(f"trm.serve: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    serve(cfg.run_dir, host=s.host, port=s.port, device=cfg.device, kernels=cfg.kernels, max_batch=s.max_batch,
+          batch_wait_ms=s.batch_wait_ms, poll_seconds=s.poll_seconds, max_grids=s.max_grids_per_request,
+          max_body_bytes=s.max_body_bytes, follow_run=True)
     return 0

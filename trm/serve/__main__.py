@@ -9,17 +9,17 @@ Test: ``pytest tests/test_serve.py -k cli``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from trm import cli
 from trm.config import ServeConfig
 
 DEFAULTS = ServeConfig()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trm.serve", description="Serve a trained TRM over HTTP (JSON).")
+def _serve_command(argv: list[str]) -> int:
+    parser = cli.ArgumentParser(prog="python -m trm.serve", description="Serve a trained TRM over HTTP (JSON).")
     parser.add_argument("source", help="a run folder (followed as it trains), a checkpoint folder, or an export folder")
     parser.add_argument("--host", default=DEFAULTS.host, help="address to bind (default %(default)s); "
                         "anything but loopback needs a token")
@@ -37,18 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     args = parser.parse_args(argv)
 
-    from trm.serve import TOKEN_ENV, ServeError, check_bind, serve
+    from trm.serve import TOKEN_ENV, check_bind, serve
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    try:
-        check_bind(args.host, token)  # before loading anything
-        serve(args.source, host=args.host, port=args.port, token=token, log_level=args.log_level,
-              device=args.device, kernels=args.kernels, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
-              poll_seconds=args.poll_seconds, max_grids=args.max_grids, max_body_bytes=args.max_body_bytes)
-    except ServeError as err:
-        print(f"trm.serve: error: {err}", file=sys.stderr)
-        return 2
+    check_bind(args.host, token)  # before loading anything
+    serve(args.source, host=args.host, port=args.port, token=token, log_level=args.log_level,
+          device=args.device, kernels=args.kernels, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+          poll_seconds=args.poll_seconds, max_grids=args.max_grids, max_body_bytes=args.max_body_bytes)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2: an error explained on stderr)."""
+    return cli.run("trm.serve", _serve_command, argv, interrupted="the service stopped; start it again to serve")
 
 
 if __name__ == "__main__":

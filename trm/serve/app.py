@@ -14,7 +14,8 @@ An answer is ``{"grid": ..., "supervision_steps": int, "halting_confidence": flo
 
 Every failure is a JSON reply ``{"error": {"status": S, "message": "..."}}``: 400 unreadable
 body, 401 missing/wrong token, 404/405 unknown route/method, 413 body or grid count over the
-limit, 422 a request that parses but does not fit the model (task, shape, values, puzzle_id),
+limit, 422 a request that parses but does not fit the model (task, shape, values, puzzle_id) or has
+no solution (contradictory Sudoku givens; a maze without one start and one goal joined by a path),
 503 no model loaded yet, 500 an internal failure (logged; the service keeps running).
 
 When a token is set, ``/v1/*`` needs ``Authorization: Bearer TOKEN``; ``/healthz`` stays open

@@ -4,8 +4,10 @@ The service is pointed at one of:
 
 - an EXPORT folder (``model.safetensors`` + ``config.yaml`` + ``export.json``): served as is;
 - a CHECKPOINT folder (``step_N`` with its ``COMPLETE`` marker): exported once, then served;
-- a RUN folder (``checkpoints/``): its newest complete checkpoint is exported and served, and a
-  watcher thread polls for newer ones. Until the run has a checkpoint, the service answers 503.
+- a RUN folder (``checkpoints/``): its newest checkpoint that verifies (``verify_checkpoint``: every
+  file matches the manifest in its COMPLETE marker) is exported and served, and a watcher thread
+  polls for newer ones. A corrupt checkpoint is skipped, once, with a line saying which file is bad;
+  an older good one is served meanwhile. Until the run has a good checkpoint, the service answers 503.
 
 Exports go to ``<checkpoint>/export/`` (or a private temporary folder when the checkpoint is not
 writable) and are made by ``python -m trm.export`` in a CHILD process, so the service process
@@ -31,7 +33,7 @@ import torch
 from trm.export import is_export_dir
 from trm.serve import ServeError
 from trm.serve.solver import ServedModel
-from trm.train.checkpoint import find_latest_checkpoint, is_complete
+from trm.train.checkpoint import COMMIT_MARKER, checkpoint_problem, is_complete, list_checkpoints
 
 EXPORT_SUBDIR = "export"
 MAX_EXPORT_ATTEMPTS = 3
@@ -66,6 +68,7 @@ class ModelSlot:
         self.current: ServedModel | None = None
         self.swaps = 0
         self._failures: dict[Path, int] = {}
+        self._corrupt: dict[Path, int] = {}  # checkpoint -> mtime_ns of the marker it failed verification with
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._cache = None
@@ -104,17 +107,34 @@ class ModelSlot:
         else:
             self.poll_once()
             if self.current is None:
-                _log(f"{self.source} has no complete checkpoint yet; answering 503 until one appears")
+                what = "no checkpoint that verifies" if self._corrupt else "no complete checkpoint yet"
+                _log(f"{self.source} has {what}; answering 503 until one appears")
 
     # ---------------------------------------------------------------- follow
+    def _newest_good(self, newer_than: int | None) -> Path | None:
+        """The run's newest checkpoint past ``newer_than`` that verifies. A corrupt one is reported
+        once and not re-read until its marker changes."""
+        for step, path in reversed(list_checkpoints(self.source)):
+            if newer_than is not None and step <= newer_than:
+                return None
+            try:
+                marker_mtime = (path / COMMIT_MARKER).stat().st_mtime_ns
+            except OSError:  # pruned meanwhile
+                continue
+            if self._corrupt.get(path) == marker_mtime:
+                continue
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            self._corrupt[path] = marker_mtime
+            _log(f"skipping {path}: {problem}")
+        return None
+
     def poll_once(self) -> bool:
-        """Swap in the run's newest complete checkpoint if it is newer than the served one."""
-        latest = find_latest_checkpoint(self.source)
-        if latest is None or self._failures.get(latest, 0) >= MAX_EXPORT_ATTEMPTS:
-            return False
-        step = int(latest.name.split("_")[-1])
+        """Swap in the run's newest good checkpoint if it is newer than the served one."""
         current = self.current
-        if current is not None and step <= current.step:
+        latest = self._newest_good(current.step if current is not None else None)
+        if latest is None or self._failures.get(latest, 0) >= MAX_EXPORT_ATTEMPTS:
             return False
         try:
             fresh = self._load_checkpoint(latest)

@@ -8,10 +8,12 @@ Token layouts and constants come from the dataset builders (``trm.data.sudoku``,
 
 - ``sudoku``: 9x9, pad 0, blank 1, digit d -> d + 1 (vocab 11, seq_len 81). A grid is 9 lists of
   9 integers 0-9 (0 = blank) or one string of 81 characters ``1-9`` with ``0`` or ``.`` for a
-  blank. The answer is 9 lists of 9 digits (0 where the model predicted no digit).
+  blank. Its givens must not contradict each other (a digit twice in a row, column or box: 422
+  naming the cells). The answer is 9 lists of 9 digits (0 where the model predicted no digit).
 - ``maze``: 30 x 30, characters ``# SGo`` -> 1-5, pad 0 (vocab 6, seq_len 900). A grid is 30
-  strings of 30 characters from ``# SG`` (walls, open cells, start, goal); the answer marks the
-  predicted path with ``o`` (``?`` where the model predicted padding).
+  strings of 30 characters from ``# SG`` (walls, open cells, start, goal) with exactly one start
+  and one goal, the goal reachable from the start through open cells (else 422 naming the cells).
+  The answer marks the predicted path with ``o`` (``?`` where the model predicted padding).
 - ``arc``: up to 30 x 30, pad 0, end marker 1, colour c -> c + 2 (vocab 12, seq_len 900). A grid
   is 1-30 lists of equally many integers 0-9, placed top-left; end markers fill the row below and
   the column right of it. The answer is the largest top-left rectangle of predicted colours.
@@ -21,6 +23,7 @@ Test: ``pytest tests/test_serve.py -k malformed`` (and every solve test goes thr
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -99,6 +102,27 @@ def _int_rows(grid: Any, what: str, hint: str, max_rows: int, exact: bool, value
 SUDOKU_HINT = "9 lists of 9 integers 0-9 (0 = blank), or a string of 81 characters 0-9 or '.'"
 
 
+def sudoku_contradictions(digits_81: np.ndarray) -> list[str]:
+    """Each digit given more than once in a row, column or 3x3 box, as "digit D twice in row R: cells
+    (r, c), (r, c)" (rows and columns from 0); empty when the givens are consistent."""
+    grid = digits_81.reshape(9, 9)
+    problems = []
+    units = [(f"row {r}", [(r, c) for c in range(9)]) for r in range(9)]
+    units += [(f"column {c}", [(r, c) for r in range(9)]) for c in range(9)]
+    units += [(f"box {b} (rows {b // 3 * 3}-{b // 3 * 3 + 2}, columns {b % 3 * 3}-{b % 3 * 3 + 2})",
+               [(b // 3 * 3 + i, b % 3 * 3 + j) for i in range(3) for j in range(3)]) for b in range(9)]
+    for unit, cells in units:
+        seen: dict[int, list[tuple[int, int]]] = {}
+        for r, c in cells:
+            if grid[r, c]:
+                seen.setdefault(int(grid[r, c]), []).append((r, c))
+        for digit, where in sorted(seen.items()):
+            if len(where) > 1:
+                times = "twice" if len(where) == 2 else f"{len(where)} times"
+                problems.append(f"digit {digit} {times} in {unit}: cells {', '.join(map(str, where))}")
+    return problems
+
+
 def _sudoku_encode(grid: Any, seq_len: int, what: str) -> np.ndarray:
     if isinstance(grid, str):
         if len(grid) != 81:
@@ -110,6 +134,11 @@ def _sudoku_encode(grid: Any, seq_len: int, what: str) -> np.ndarray:
     else:
         rows = _int_rows(grid, what, SUDOKU_HINT, 9, exact=True, values=range(10), kind="Sudoku cells (0 = blank)")
         digits = np.array(rows, dtype=np.int32).reshape(81)
+    problems = sudoku_contradictions(digits)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise RequestError(f"{what} contradicts itself, so it has no solution: {shown} (cells are (row, column) "
+                           f"from 0). Check the givens.")
     return np.where(digits == 0, sudoku_data.BLANK_TOKEN, digits + sudoku_data.DIGIT_TOKEN_OFFSET).astype(np.int32)
 
 
@@ -144,7 +173,31 @@ def _maze_encode(grid: Any, seq_len: int, what: str) -> np.ndarray:
             if ch not in MAZE_INPUT_CHARS:
                 raise RequestError(f"{what} cell ({r}, {c}) is {ch!r}; expected {MAZE_HINT}.")
             tokens[r, c] = maze_data.CHARSET.index(ch) + 1
+    _check_maze(tokens, what)
     return tokens.reshape(seq_len)
+
+
+def _check_maze(tokens: np.ndarray, what: str) -> None:
+    """Exactly one start and one goal, and the goal reachable from the start (4-neighbour moves
+    through anything but walls): what the dataset's mazes always satisfy."""
+    for token, name, char in ((maze_data.START, "start", "S"), (maze_data.GOAL, "goal", "G")):
+        cells = [tuple(map(int, rc)) for rc in np.argwhere(tokens == token)]
+        if len(cells) != 1:
+            found = f"{len(cells)}, at (row, column) from 0: {', '.join(map(str, cells[:10]))}" if cells else "none"
+            raise RequestError(f"{what} must hold exactly one {name} '{char}'; it has {found}.")
+    start = tuple(map(int, np.argwhere(tokens == maze_data.START)[0]))
+    goal = tuple(map(int, np.argwhere(tokens == maze_data.GOAL)[0]))
+    side = tokens.shape[0]
+    reached, frontier = {start}, deque([start])
+    while frontier:
+        r, c = frontier.popleft()
+        for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if 0 <= nr < side and 0 <= nc < side and (nr, nc) not in reached and tokens[nr, nc] != maze_data.WALL:
+                reached.add((nr, nc))
+                frontier.append((nr, nc))
+    if goal not in reached:
+        raise RequestError(f"{what} has no path from the start 'S' at {start} to the goal 'G' at {goal}: walls "
+                           f"separate them, so the maze has no solution.")
 
 
 def _maze_decode(tokens: np.ndarray) -> list[str]:

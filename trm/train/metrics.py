@@ -199,7 +199,9 @@ class MetricsLog:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            from trm.train.checkpoint import atomic_write_text
+
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))  # never half a log
         if self._tb is not None and step > 0:
             self._tb.close()
             self._tb = self._tb_writer(purge_step=step + 1)  # TensorBoard hides the dropped events too

@@ -16,9 +16,12 @@ a fresh batch): halted slots take CONSECUTIVE stream samples, so no data is skip
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trm.config import Config, to_yaml
+from trm.config import Config, ConfigError, to_yaml
 from trm.data.curriculum import CurriculumSchedule
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.model import ACTCarry, act_loss
@@ -38,6 +41,7 @@ from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, gra
 from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
 from trm.train.puzzle_table import ShardedPuzzleTable
 from trm.train.schedule import lr_at
+from trm.train.shared_storage import HOW_TO_FIX, missing_rank_files
 
 
 
@@ -61,12 +65,82 @@ def deepspeed_config(cfg: Config, world: World) -> dict[str, Any]:
     }
 
 
+def epoch_steps(epochs: int, total_groups: int, mean_puzzle_examples: float, global_batch_size: int) -> int:
+    """Optimizer steps of ``epochs`` epochs, the reference's formula (``pretrain.py``):
+    ``int(epochs * total_groups * mean_puzzle_examples / global_batch_size)``."""
+    return int(epochs * total_groups * mean_puzzle_examples / global_batch_size)
+
+
+def resolve_epoch_schedule(cfg: Config, dataset: Any) -> str | None:
+    """Turn ``train.epochs`` (and the ``*_interval_epochs``) into steps with the train split's
+    dataset.json, in place, unless ``train.max_steps`` is given; returns the line to print."""
+    tc = cfg.train
+    if tc.max_steps is not None:
+        if tc.epochs:
+            return f"trm: train.max_steps={tc.max_steps} is given, so train.epochs={tc.epochs} and the intervals in epochs are not used"
+        return None
+    meta = getattr(dataset, "base", dataset).train.metadata
+    groups, mean, batch = meta.total_groups, meta.mean_puzzle_examples, tc.global_batch_size
+    tc.max_steps = epoch_steps(tc.epochs, groups, mean, batch)
+    if tc.max_steps < 1:
+        raise ConfigError(
+            f"train.epochs={tc.epochs} of {cfg.data.path} ({groups} groups x {mean:.4f} examples per puzzle) is less than "
+            f"one batch of {batch}: raise train.epochs or give train.max_steps."
+        )
+    if tc.eval_interval_epochs is not None:
+        tc.eval_interval = max(1, epoch_steps(tc.eval_interval_epochs, groups, mean, batch)) if tc.eval_interval_epochs else 0
+    if tc.checkpoint_interval_epochs is not None:
+        tc.checkpoint_interval = max(1, epoch_steps(tc.checkpoint_interval_epochs, groups, mean, batch)) if tc.checkpoint_interval_epochs else 0
+    return (f"trm: {tc.epochs} epochs x {groups} groups x {mean:.4f} mean examples per puzzle / batch {batch} = "
+            f"train.max_steps {tc.max_steps}; eval_interval {tc.eval_interval} steps, checkpoint_interval {tc.checkpoint_interval} steps")
+
+
 UNIVERSAL_TAG = "universal"
 CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many steps; the message says what to do."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""Signals that make ``fit`` finish its step, save a checkpoint and return (preemption, Ctrl+C)."""
+RELAYED_SIGINT_WINDOW_S = 1.0
+"""A second SIGINT within this long of the first is the same Ctrl+C relayed by a launcher
+(torchrun forwards the terminal's SIGINT to workers that already got it), not a second press."""
+
+
+class StopRequests:
+    """Signal handlers for the duration of a training loop: the first SIGTERM / SIGUSR1 / SIGINT
+    records a stop request (the loop saves and returns at the end of the step the ranks agree on);
+    a second Ctrl+C raises KeyboardInterrupt at once. Handlers are restored afterwards."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._since = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT and time.monotonic() - self._since > RELAYED_SIGINT_WINDOW_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._since = signum, time.monotonic()
+        if os.environ.get("RANK", "0") == "0":
+            # os.write: a handler may interrupt a print of the loop; this cannot fail re-entrantly
+            os.write(2, f"\ntrm: {signal.Signals(signum).name} received: finishing the current step, then saving a "
+                        f"checkpoint (a second Ctrl+C aborts without saving).\n".encode())
 
 
 class Trainer:
@@ -82,6 +156,9 @@ class Trainer:
                 f"number of processes ({world.size})."
             )
         self.cfg, self.world, self.dataset = cfg, world, dataset
+        schedule_line = resolve_epoch_schedule(cfg, dataset)
+        if schedule_line and world.is_main:
+            print(schedule_line, flush=True)
         self.run_dir = Path(cfg.run_dir)
         self.local_batch = cfg.train.global_batch_size // world.size
         model = model.to(world.device)
@@ -120,6 +197,10 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.best_value: float | None = None
         self.best_step: int | None = None
+        self.stop_requests = StopRequests()
+        self.stopped_by: int | None = None
+        """The signal that ended ``fit`` early after a checkpoint was saved (None: it ran to the end)."""
+        self.last_checkpoint: Path | None = None
         self.curriculum = CurriculumSchedule.from_config(cfg.curriculum)
         if self.curriculum is not None:
             self.curriculum.check_model(self.model.config)
@@ -205,7 +286,13 @@ class Trainer:
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
         """True when every rank's loss is finite. Otherwise the update is skipped and counted
         (``train.skip_nonfinite``), and too many in a row stop the run with NonFiniteLossError."""
-        bad = all_reduce_sum({"bad": (~torch.isfinite(loss.detach())).to(torch.float64)})["bad"]
+        # The same collective carries the stop requests (signals), so every rank learns at the same
+        # step that one was signalled, at no extra cost.
+        stop = torch.tensor(float(self.stop_requests.signum or 0), dtype=torch.float64, device=loss.device)
+        reduced = all_reduce_sum({"bad": (~torch.isfinite(loss.detach())).to(torch.float64), "stop": stop})
+        if float(reduced["stop"]) > 0 and self.stopped_by is None:
+            self.stopped_by = self.stop_requests.signum or signal.SIGTERM  # another rank's signal
+        bad = reduced["bad"]
         if float(bad) == 0:
             self.consecutive_nonfinite = 0
             return True
@@ -314,6 +401,7 @@ class Trainer:
         """Add one batch's counts to ``sums``; return the model outputs of the last step."""
         labels = batch["labels"]
         mask = labels != -100
+        valid = valid & mask.any(-1)  # an example without labels (unknown test output) is not counted, as in the reference
         counts = mask.sum(-1).clamp_min(1)
         carry = self.model.initial_carry(batch)
         stopped = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
@@ -341,7 +429,12 @@ class Trainer:
         path = ckpt.step_dir(self.run_dir, self.step)
         try:
             if self.world.is_main:
-                if path.exists():
+                if path.exists() and ckpt.is_complete(path):  # a corrupt one resume skipped, or a resume_from= past it
+                    corrupt = ckpt.checkpoint_problem(path) is not None
+                    aside = ckpt.set_aside(path, ckpt.CORRUPT_SUFFIX if corrupt else ckpt.REPLACED_SUFFIX)
+                    print(f"trm: warning: moved the {'corrupt ' if corrupt else ''}checkpoint {path} to {aside} before "
+                          f"saving this step again.", file=sys.stderr, flush=True)
+                elif path.exists():  # the leftover of a save that did not finish
                     shutil.rmtree(path)
                 path.mkdir(parents=True)
             barrier()
@@ -352,12 +445,17 @@ class Trainer:
             ckpt.save_torch(rank_state, path / f"rank_{self.world.rank}.pt")
             if self.world.is_main:
                 ckpt.save_torch(self._trainer_state(), path / "trainer_state.pt")
-                (path / "config.yaml").write_text(to_yaml(self.cfg))
+                ckpt.atomic_write_text(path / "config.yaml", to_yaml(self.cfg))
             barrier(60 * self.cfg.train.save_timeout_minutes, f"the end of saving {path}")
             if self.world.is_main:
+                missing = missing_rank_files(path, self.world.size)
+                if missing:  # the other ranks wrote them elsewhere: run_dir is not one directory for all
+                    raise ckpt.CheckpointError(f"Checkpoint {path} lacks {', '.join(missing)} after every rank saved; "
+                                               f"it is not committed. {HOW_TO_FIX}")
                 ckpt.commit(path, self.step)
                 ckpt.prune(self.run_dir, self.cfg.train.keep_last, self.best_step, self.step)
             barrier()
+            self.last_checkpoint = path
         except TimeoutError as err:
             raise ckpt.CheckpointError(
                 f"Saving checkpoint {path} timed out: {err}. It has no {ckpt.COMMIT_MARKER} marker, so resuming "
@@ -377,6 +475,7 @@ class Trainer:
             "stream_position": self.stream_position,
             "world_size": self.world.size,
             "global_batch_size": self.cfg.train.global_batch_size,
+            "model_dims": dict(self.dataset.model_dims),
             "puzzle_table_sharded": self.puzzle_table is not None,
             "best_value": self.best_value,
             "best_step": self.best_step,
@@ -431,7 +530,16 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything ``save_checkpoint`` wrote; the run continues bit-identically."""
+        ckpt.verify_checkpoint(path)
         state = _load_trainer_state(path)
+        saved_dims, dims = state.get("model_dims"), dict(self.dataset.model_dims)
+        if saved_dims is not None and saved_dims != dims:
+            changed = ", ".join(f"{k}: checkpoint {saved_dims.get(k)}, now {dims.get(k)}" for k in sorted(set(saved_dims) | set(dims))
+                                if saved_dims.get(k) != dims.get(k))
+            raise ckpt.CheckpointError(
+                f"Checkpoint {path} was trained on a dataset of another shape than {self.cfg.data.path} ({changed}); "
+                f"use the dataset it was trained on (data.path), or start a new run."
+            )
         same_world = state["world_size"] == self.world.size
         if state["puzzle_table_sharded"] != (self.puzzle_table is not None):
             raise ckpt.CheckpointError(
@@ -480,14 +588,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict[str, float]:
-        """Train to ``train.max_steps`` (or the time limit); return the last evaluation."""
-        cfg, tc = self.cfg, self.cfg.train
+        """Train to ``train.max_steps`` (or the time limit); return the last evaluation.
+
+        SIGTERM / SIGUSR1 / Ctrl+C end it early: every rank finishes the step they agree on, the
+        checkpoint of that step is saved, and it returns with ``stopped_by`` set to the signal."""
+        cfg = self.cfg
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from)
         elif self.world.is_main:
             self.metrics.truncate_after(0)
         if self.world.is_main:
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", to_yaml(cfg))
+        with self.stop_requests:
+            return self._loop()
+
+    def _loop(self) -> dict[str, float]:
+        tc = self.cfg.train
         started = time.time()
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.time()
@@ -510,6 +626,12 @@ class Trainer:
                                 ex_s=f"{logged['train/examples_per_s']:.0f}")
                 window, window_steps, window_start = {}, 0, time.time()
             bar.update(1)
+            if self.stopped_by is not None and not last:  # a signal: save this step (no evaluation), return
+                self.save_checkpoint()
+                if self.world.is_main:
+                    bar.write(f"stopped by {signal.Signals(self.stopped_by).name} at step {self.step}; "
+                              f"checkpoint {self.last_checkpoint} is complete")
+                break
             if (tc.eval_interval and self.step % tc.eval_interval == 0) or last:
                 last_eval = self.evaluate()
                 self.metrics.log(self.step, last_eval)
@@ -528,6 +650,8 @@ class Trainer:
                 if self.world.is_main:
                     bar.write(f"time limit of {tc.time_limit_minutes} min reached at step {self.step}")
                 break
+        else:
+            self.stopped_by = None  # a signal during the last step: the run finished anyway
         bar.close()
         self.metrics.close()
         return last_eval
