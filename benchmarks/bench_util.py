@@ -1,24 +1,29 @@
 """Timing, gating and reporting for ``pytest benchmarks``.
 
-Every benchmark times OUR backend and the PyTorch reference in the same run, interleaved, and
-gates on the RATIO (speedup = reference time / our time), never on absolute times:
+Every benchmark times OUR backend and the PyTorch reference in the same run and gates on the
+RATIO (speedup = reference time / our time), never on absolute times. What makes the gate hold
+on a shared machine, and still catch a real regression (tests/test_bench_gate.py plants a 2x
+slowdown and sees it fail):
 
-- CPU: ``time.perf_counter`` around ``iters`` calls, ``rounds`` interleaved rounds (ref, ours,
-  ref, ours, ...) after warm-up; the median of each side. Interleaving makes a load spike on this
-  shared machine hit both sides alike.
-- GPU: ``triton.testing.do_bench`` (CUDA events, cache flush, median) for each side.
+- Same threads both sides: the session pins torch's intra-op threads (which our C++ kernels use
+  too) to ``TRM_BENCH_THREADS``, default 1 (:func:`bench_threads` says why).
+- Interleaved rounds (:func:`measure`): each round times both sides back to back, alternating
+  which goes first; CPU time of this thread with one thread (others' load is not counted),
+  ``triton.testing.do_bench`` on a GPU. The speedup is the median of the rounds' ratios, with a
+  distribution-free 95% confidence interval (:func:`median_ci`).
+- The gate (:func:`gate`) passes when that interval overlaps the baseline band
+  ``[speedup / factor, speedup * factor]``; a case outside is re-measured, and fails only when
+  every measurement agrees. Below: a regression. Above: the baseline is stale and must be raised
+  on purpose (fails too), so baselines stay honest.
+- Baselines are keyed by what determines the ratio (:func:`device_class`: GPU name; CPU model,
+  ISA and thread count): ``benchmarks/baselines/<device>.json``::
 
-The gate (:func:`gate`) compares the measured speedup with ``benchmarks/baselines/<device>.json``::
+      {"device": "...", "benchmarks": {"<name>": {"speedup": 3.1, "factor": 1.6}, ...}}
 
-    {"device": "...", "benchmarks": {"<name>": {"speedup": 3.1, "factor": 1.6}, ...}}
-
-A run passes when ``speedup / factor <= measured <= speedup * factor``. Below: a regression
-(fails, naming op, shape, both numbers and how to update the baseline). Above: the baseline is
-stale and must be raised on purpose (fails too), so baselines stay honest. Without a baseline
-file or entry the result is recorded and reported as "no baseline". Update on purpose with
-``TRM_BENCH_UPDATE=1 pytest benchmarks`` (rewrites the measured entries of this device's file,
-keeping each entry's factor) and commit the diff. ``TRM_BENCH_BASELINE=path.json`` points the
-gate at another file (the gate's own test uses this).
+  A device without a baseline file is recorded and reported "not gated (no baseline)", with how
+  to record one. Update on purpose with ``TRM_BENCH_UPDATE=1 pytest benchmarks`` (rewrites the
+  measured entries of this device's file, keeping each entry's factor) and commit the diff.
+  ``TRM_BENCH_BASELINE=path.json`` points the gate at another file (the gate's own test uses this).
 
 Results of a session go to ``benchmarks/results/<device>-<date>.csv`` (or ``TRM_BENCH_RESULTS``;
 a partial run replaces its own rows of that day's file and keeps the rest)
@@ -30,6 +35,7 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import re
@@ -48,19 +54,59 @@ DEFAULT_FACTOR = {"cpu": 1.6, "gpu": 1.25}     # noise margins: shared 2-core CP
 
 
 # ---------------------------------------------------------------------------------------------
-# Device
+# Device: the baseline key is what determines the ratios
 # ---------------------------------------------------------------------------------------------
 
 def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_threads() -> int:
+    """Threads both sides run with on CPU: ``TRM_BENCH_THREADS``, default 1.
+
+    One thread by default: on a shared machine a multi-threaded op waits at each parallel
+    region's barrier for its slowest thread, so the load of others' processes moves our ratio
+    (seen here: one case between 0.49x and 4.25x in an afternoon); one thread per side is
+    slowed alike by the load. ``TRM_BENCH_THREADS=2`` measures the parallel kernels (its own
+    baseline key)."""
+    raw = os.environ.get("TRM_BENCH_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"TRM_BENCH_THREADS={raw!r}: give a thread count >= 1 (e.g. TRM_BENCH_THREADS=2)")
+    return n
+
+
+def pin_threads() -> int:
+    """Set torch's intra-op threads (used by PyTorch's ops and by our C++ kernels' at::parallel_for
+    alike) to :func:`bench_threads` for the whole session; returns the count."""
+    n = bench_threads()
+    if not on_gpu():
+        torch.set_num_threads(n)
+    return n
+
+
 def device_class() -> str:
-    """Baseline key of this machine: the GPU's name, or ``cpu-<arch>-<threads>t``."""
+    """Baseline key of this machine, made of what sets the ratios. GPU: the card's name. CPU: the
+    model name, the vector ISA PyTorch's kernels dispatch to (``AVX2``, ``AVX512``, ...) and the
+    thread count both sides run with."""
     if on_gpu():
         name = torch.cuda.get_device_name(0)
     else:
-        name = f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+        name = f"cpu-{cpu_model()}-{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}t"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
@@ -69,40 +115,97 @@ def device() -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing: interleaved rounds, the ratio per round, a confidence interval on its median
 # ---------------------------------------------------------------------------------------------
 
-def _sync() -> None:
-    if on_gpu():
-        torch.cuda.synchronize()
+@dataclass
+class Measurement:
+    """One interleaved measurement: per round, the reference's and our time per call."""
+    ref_times: list[float]
+    our_times: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        """Speedup of each round (reference / ours, the two measured back to back)."""
+        return [r / o for r, o in zip(self.ref_times, self.our_times)]
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return median_ci(self.ratios)
+
+    @property
+    def ref_s(self) -> float:
+        return statistics.median(self.ref_times)
+
+    @property
+    def ours_s(self) -> float:
+        return statistics.median(self.our_times)
 
 
-def time_pair(ref_fn: Callable[[], object], our_fn: Callable[[], object], *, rounds: int = 7,
-              min_round_s: float = 0.05, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds per call of ``ref_fn`` and ``our_fn``, measured in the same run."""
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics ``x(k), x(n+1-k)``
+    with the largest ``k`` whose coverage ``1 - 2 P(Binomial(n, 1/2) < k)`` is >= ``confidence``
+    (the whole range when there are too few values)."""
+    xs, n = sorted(values), len(values)
+    k, below = 0, 0.0                       # below = P(Binomial(n, 1/2) <= k - 1)
+    while k + 1 <= n // 2:
+        nxt = below + math.comb(n, k) / 2 ** n
+        if 1 - 2 * nxt < confidence:
+            break
+        k, below = k + 1, nxt
+    k = max(k, 1)
+    return xs[k - 1], xs[n - k]
+
+
+def measure(ref_fn: Callable[[], object], our_fn: Callable[[], object], *, rounds: int = 15,
+            min_round_s: float = 0.02, warmup: int = 2) -> Measurement:
+    """Time ``ref_fn`` and ``our_fn`` in the same run, interleaved: each round times both sides back
+    to back (``iters`` calls each, about ``min_round_s`` for the slower side; :func:`cpu_clock`),
+    alternating which goes first, so a load spike or a clock change hits both sides of a round
+    alike. GPU: ``triton.testing.do_bench`` (CUDA events, cache flush) per side and round."""
     if on_gpu():
         from triton.testing import do_bench
 
-        ref = do_bench(ref_fn, warmup=25, rep=200, return_mode="median") * 1e-3
-        ours = do_bench(our_fn, warmup=25, rep=200, return_mode="median") * 1e-3
-        ref2 = do_bench(ref_fn, warmup=5, rep=100, return_mode="median") * 1e-3
-        return min(ref, ref2), ours
+        for fn in (ref_fn, our_fn):
+            do_bench(fn, warmup=25, rep=50)
+        ref_times, our_times = [], []
+        for i in range(max(3, rounds // 3)):
+            pair = (ref_fn, our_fn) if i % 2 == 0 else (our_fn, ref_fn)
+            t = [do_bench(fn, warmup=5, rep=50, return_mode="median") * 1e-3 for fn in pair]
+            ref_times.append(t[0] if i % 2 == 0 else t[1])
+            our_times.append(t[1] if i % 2 == 0 else t[0])
+        return Measurement(ref_times, our_times)
+    clock = cpu_clock()
     for _ in range(warmup):
         ref_fn()
         our_fn()
-    # iterations per round so that the slower side takes about min_round_s
-    t0 = time.perf_counter()
+    t0 = clock()
     ref_fn()
-    once = max(time.perf_counter() - t0, 1e-6)
-    iters = max(1, int(min_round_s / once))
+    t_ref = clock() - t0
+    t0 = clock()
+    our_fn()
+    t_ours = clock() - t0
+    iters = max(1, int(min_round_s / max(t_ref, t_ours, 1e-6)))
     ref_times, our_times = [], []
-    for _ in range(rounds):
-        for fn, sink in ((ref_fn, ref_times), (our_fn, our_times)):
-            t0 = time.perf_counter()
+    for i in range(rounds):
+        for fn, sink in ((ref_fn, ref_times), (our_fn, our_times))[:: 1 if i % 2 == 0 else -1]:
+            t0 = clock()
             for _ in range(iters):
                 fn()
-            sink.append((time.perf_counter() - t0) / iters)
-    return statistics.median(ref_times), statistics.median(our_times)
+            sink.append((clock() - t0) / iters)
+    return Measurement(ref_times, our_times)
+
+
+def cpu_clock() -> Callable[[], float]:
+    """The CPU clock of :func:`measure`: with one thread, this thread's CPU time
+    (``time.thread_time``: the time the other processes of a shared machine take from us is not
+    counted, on either side); with more, wall time (``time.perf_counter``), since the threads'
+    parallel speed is then what is measured."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def copy_bandwidth() -> float:
@@ -110,7 +213,7 @@ def copy_bandwidth() -> float:
     n = (256 << 20) // 4 if on_gpu() else (64 << 20) // 4
     x = torch.empty(n, dtype=torch.float32, device=device()).normal_()
     y = torch.empty_like(x)
-    t, _ = time_pair(lambda: y.copy_(x), lambda: y.copy_(x), rounds=3)
+    t = measure(lambda: y.copy_(x), lambda: y.copy_(x), rounds=3).ref_s
     return 2 * x.numel() * x.element_size() / t
 
 
@@ -120,13 +223,17 @@ def copy_bandwidth() -> float:
 
 @dataclass
 class Result:
-    name: str                 # e.g. "rms_norm/fwd+bwd/cpu/float32/64x97x512"
+    name: str                 # e.g. "rms_norm/fwd/cpu/float32/64x97x512"
     op: str
     shape: str
     backend: str
-    ref_s: float              # reference seconds per call
+    ref_s: float              # reference seconds per call (median of the rounds)
     ours_s: float
-    speedup: float
+    speedup: float            # median of the rounds' ratios (reference / ours)
+    ci_low: float = 0.0       # 95% confidence interval of that median
+    ci_high: float = 0.0
+    rounds: int = 0
+    threads: int = 0
     gbps: float | None = None         # achieved bytes/s / 1e9 (memory-bound ops)
     copy_fraction: float | None = None
     tflops: float | None = None
@@ -135,9 +242,17 @@ class Result:
     gate: str = ""
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, m: Measurement, **fields) -> "Result":
+        """A result from a :class:`Measurement` (plus name, op, shape, backend, ...)."""
+        lo, hi = m.ci
+        return cls(ref_s=m.ref_s, ours_s=m.ours_s, speedup=m.speedup, ci_low=lo, ci_high=hi,
+                   rounds=len(m.ratios), threads=torch.get_num_threads(), **fields)
+
 
 SESSION: list[Result] = []
 _copy_bw: list[float] = []
+REMEASURES = 2                # a case outside its band is measured this many more times before it fails
 
 
 def measured_copy_bandwidth() -> float:
@@ -151,10 +266,11 @@ def baseline_path() -> Path:
     return Path(override) if override else BASELINES / f"{device_class()}.json"
 
 
-def load_baseline() -> dict:
+def load_baseline() -> dict | None:
+    """This device's baseline entries, or None when it has no baseline file."""
     path = baseline_path()
     if not path.exists():
-        return {}
+        return None
     try:
         data = json.loads(path.read_text())
         return data["benchmarks"]
@@ -163,40 +279,70 @@ def load_baseline() -> dict:
                            f'{{"device": ..., "benchmarks": {{name: {{"speedup": x, "factor": f}}}}}}') from exc
 
 
+def no_baseline_note() -> str:
+    return (f"no baseline for this device ({device_class()}: no {baseline_path()}): results recorded, not gated. "
+            f"Record one with TRM_BENCH_UPDATE=1 pytest benchmarks and commit it.")
+
+
 class GateFailure(AssertionError):
     pass
 
 
-def gate(result: Result) -> None:
-    """Compare ``result.speedup`` with the baseline; raise :class:`GateFailure` outside the band."""
-    entry = load_baseline().get(result.name)
+def _side(lo: float, hi: float, low: float, high: float) -> str:
+    """Where a confidence interval lies against the band: "SLOWER", "FASTER" or "ok" (overlaps)."""
+    return "SLOWER" if hi < low else "FASTER" if lo > high else "ok"
+
+
+def gate(result: Result, remeasure: Callable[[], Measurement] | None = None) -> None:
+    """Compare ``result`` with this device's baseline band ``[speedup / factor, speedup * factor]``.
+
+    It passes when the 95% confidence interval of the measured speedup overlaps the band. Outside
+    it, the case is measured again (``remeasure``, up to :data:`REMEASURES` times) and fails only
+    if every measurement lies outside on the same side: below is a regression; above means the
+    baseline is stale and must be raised on purpose, so it keeps guarding the gain. Raises
+    :class:`GateFailure` with op, shape, the measurements and how to update the baseline.
+    """
+    baseline = load_baseline()
+    entry = None if baseline is None else baseline.get(result.name)
     if entry is None:
-        result.gate = "no baseline"
+        result.gate = "not gated (no baseline)" if baseline is None else "not gated (no entry)"
         return
-    expected, factor = float(entry["speedup"]), float(entry.get("factor", DEFAULT_FACTOR["gpu" if on_gpu() else "cpu"]))
+    expected = float(entry["speedup"])
+    factor = float(entry.get("factor", DEFAULT_FACTOR["gpu" if on_gpu() else "cpu"]))
     low, high = expected / factor, expected * factor
+    seen = [(result.speedup, result.ci_low, result.ci_high)]
+    side = _side(result.ci_low, result.ci_high, low, high)
+    while side != "ok" and remeasure is not None and len(seen) <= REMEASURES:
+        m = remeasure()
+        lo, hi = m.ci
+        seen.append((m.speedup, lo, hi))
+        if _side(lo, hi, low, high) != side:
+            result.gate = f"ok (re-measured {m.speedup:.2f}x)"
+            return
+    if side == "ok":
+        result.gate = "ok"
+        return
+    result.gate = side
+    measured = ", ".join(f"{sp:.2f}x [{lo:.2f}, {hi:.2f}]" for sp, lo, hi in seen)
     how = (f"If this change is intended, update the baseline on purpose: "
            f"TRM_BENCH_UPDATE=1 pytest benchmarks -k '{result.op}' and commit {baseline_path().name}.")
-    if result.speedup < low:
-        result.gate = "SLOWER"
+    if side == "SLOWER":
         raise GateFailure(f"{result.op} ({result.backend}, shape {result.shape}) regressed: speedup over the "
-                          f"PyTorch reference {result.speedup:.2f}x < baseline {expected:.2f}x / {factor} = {low:.2f}x. "
-                          + how)
-    if result.speedup > high:
-        result.gate = "FASTER"
-        raise GateFailure(f"{result.op} ({result.backend}, shape {result.shape}) is much faster than its baseline: "
-                          f"{result.speedup:.2f}x > {expected:.2f}x * {factor} = {high:.2f}x. Raise the baseline so "
-                          f"it keeps guarding the gain. " + how)
-    result.gate = "ok"
+                          f"PyTorch reference measured {measured} (median [95% interval], {len(seen)} measurement(s)) "
+                          f"< baseline {expected:.2f}x / {factor} = {low:.2f}x. " + how)
+    raise GateFailure(f"{result.op} ({result.backend}, shape {result.shape}) is much faster than its baseline: "
+                      f"measured {measured} > {expected:.2f}x * {factor} = {high:.2f}x. Raise the baseline so "
+                      f"it keeps guarding the gain. " + how)
 
 
-def record(result: Result) -> Result:
+def record(result: Result, remeasure: Callable[[], Measurement] | None = None) -> Result:
+    """Keep ``result`` for the table and CSV, then update the baseline (``TRM_BENCH_UPDATE=1``) or gate it."""
     SESSION.append(result)
     if os.environ.get("TRM_BENCH_UPDATE") == "1":
         _update_baseline(result)
         result.gate = "updated"
         return result
-    gate(result)
+    gate(result, remeasure)
     return result
 
 
@@ -238,14 +384,18 @@ def write_csv() -> Path | None:
 
 
 def summary_lines() -> list[str]:
-    lines = [f"device {device_class()}; copy bandwidth "
-             + (f"{_copy_bw[0] / 1e9:.1f} GB/s" if _copy_bw else "not measured"),
-             f"{'benchmark':58s} {'speedup':>8s} {'GB/s':>7s} {'copy%':>6s} {'TFLOP/s':>8s} gate"]
+    lines = [f"device {device_class()} ({torch.get_num_threads()} thread(s) both sides); copy bandwidth "
+             + (f"{_copy_bw[0] / 1e9:.1f} GB/s" if _copy_bw else "not measured")]
+    if load_baseline() is None:
+        lines.append(no_baseline_note())
+    lines.append(f"{'benchmark':58s} {'speedup':>8s} {'95% interval':>13s} {'GB/s':>7s} {'copy%':>6s} "
+                 f"{'TFLOP/s':>8s} gate")
     for r in SESSION:
         gb = f"{r.gbps:.1f}" if r.gbps is not None else "-"
         cf = f"{100 * r.copy_fraction:.0f}" if r.copy_fraction is not None else "-"
         tf = f"{r.tflops:.2f}" if r.tflops is not None else "-"
-        lines.append(f"{r.name:58s} {r.speedup:8.2f} {gb:>7s} {cf:>6s} {tf:>8s} {r.gate}")
+        ci = f"{r.ci_low:.2f}-{r.ci_high:.2f}"
+        lines.append(f"{r.name:58s} {r.speedup:8.2f} {ci:>13s} {gb:>7s} {cf:>6s} {tf:>8s} {r.gate}")
         if "examples_per_s_ours" in r.extra:  # end-to-end rows: throughput and memory, ours vs reference
             e = r.extra
             line = (f"    examples/s ours {e['examples_per_s_ours']:.0f} vs eager {e['examples_per_s_ref']:.0f}; "

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    bench_util.pin_threads()     # before any benchmark: both sides run with the same threads
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

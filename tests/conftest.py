@@ -7,6 +7,9 @@ import shutil
 
 # The Triton kernels run in the CPU interpreter when no NVIDIA GPU is visible; triton reads this
 # when a kernel is defined, so it is set before anything imports triton (checked without torch).
+# On a GPU machine the interpreter stays off and the Triton kernels run compiled, on CUDA tensors:
+# the gpu-marked tests, and the Triton cases of test_ops_dispatch.py / test_ops_verify.py (which
+# pick the device Triton takes, ``kernel_device``); test_ops_triton.py's interpreter tests skip there.
 # The interpreter's tl.dot is a numpy matmul of small blocks: multi-threaded OpenBLAS makes each
 # ~100x slower on this shared 2-core machine, so numpy (not yet imported) gets one BLAS thread.
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
@@ -27,6 +30,71 @@ TINY_MODEL = {
     "halt_max_steps": 4, "mlp_t": True, "pos_encodings": "none", "puzzle_emb_len": 2,
     "puzzle_emb_ndim": 32, "forward_dtype": "float32",
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# One seeded RNG per test, the seed printed on failure
+# ---------------------------------------------------------------------------------------------
+
+SEED_VARIABLE = "TRM_TEST_SEED"
+_SEEDS = pytest.StashKey[dict]()
+
+
+def seed_for(name: str) -> int:
+    """The seed of test (or fixture) ``name``: a stable hash of the name, so every run draws the same
+    inputs; ``TRM_TEST_SEED=N`` replaces it (to reproduce a failure), ``TRM_TEST_SEED=random``
+    draws a fresh one (to explore). Failures print the seeds they used."""
+    import random
+    import zlib
+
+    chosen = os.environ.get(SEED_VARIABLE, "")
+    if chosen == "random":
+        return random.SystemRandom().randrange(2**31)
+    if chosen:
+        return int(chosen)
+    return zlib.crc32(name.encode()) % 2**31
+
+
+def record_seed(node, label: str, value: int) -> None:
+    """Note a seed that ``node`` (a test, or the module of a module-scoped fixture) used."""
+    node.stash.setdefault(_SEEDS, {})[label] = value
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request) -> int:
+    """Seeds torch's, numpy's and Python's global generators for this test (so a test's every draw
+    comes from one seed) and returns the seed; a failing test's report names it."""
+    import random
+
+    import numpy as np
+
+    seed = seed_for(request.node.nodeid)
+    record_seed(request.node, "test", seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.fixture
+def rng(test_seed):
+    """A numpy Generator seeded with this test's seed."""
+    import numpy as np
+
+    return np.random.default_rng(test_seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        module = item.getparent(pytest.Module)
+        seeds = {**(module.stash.get(_SEEDS, {}) if module else {}), **item.stash.get(_SEEDS, {})}
+        if seeds:
+            used = ", ".join(f"{label} {value}" for label, value in seeds.items())
+            report.sections.append(("seeds", f"seeds used: {used}; rerun with {SEED_VARIABLE}=<seed> "
+                                             f"to draw the same inputs"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,6 +134,30 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, train: dict | None =
     }
     path.write_text(yaml.safe_dump(cfg) + extra)
     return path
+
+
+def proves_kernels_ran(backend, op: str, file: str, *kernels: str):
+    """Decorator of a kernel check helper: the check must launch every one of ``kernels`` (of the
+    kernel file ``csrc/.../<file>``) and must not hand any call of ``backend``'s ``op`` to the
+    reference (``trm.ops.counters``), so a check never passes by comparing the reference with itself.
+    ``backend``: a name, or a function of the helper's arguments that returns it (its device)."""
+    import functools
+
+    def decorate(check):
+        @functools.wraps(check)
+        def checked(*args, **kwargs):
+            from trm.ops import counters
+
+            name = backend(*args, **kwargs) if callable(backend) else backend
+            with counters.record() as seen:
+                result = check(*args, **kwargs)
+            missing = [k for k in kernels if not seen.ran(name, file, k)]
+            assert not missing, f"{check.__name__}: the {name} kernel(s) {missing} of {file} did not run ({seen})"
+            fell = seen.fell_back(name, op)
+            assert not fell, f"{check.__name__}: {name} {op} handed {fell} to the reference"
+            return result
+        return checked
+    return decorate
 
 
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -112,12 +204,12 @@ def kill_at_checkpoint(cfg: Path, run_dir: Path, step: int, deadline_s: float = 
 
     proc = subprocess.Popen([sys.executable, "-m", "trm.train", str(cfg)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + deadline_s
+    deadline = time.monotonic() + deadline_s
     try:
         while not ckpt.is_complete(ckpt.step_dir(run_dir, step)):
             assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within the deadline"
-            time.sleep(0.005)
+            assert time.monotonic() < deadline, "no checkpoint within the deadline"
+            time.sleep(0.02)  # the run has several steps left after it: polling leaves it the CPU
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

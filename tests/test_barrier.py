@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
-import time
 
 import torch.multiprocessing as mp
+
+SLOW_RANK_DEADLINE_S = 120  # the slow rank waits this long at most for rank 0 to give up
 
 
 def _free_port() -> int:
@@ -15,31 +17,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, out: dict):
+def _worker(rank: int, port: int, out: dict, rank0_gave_up):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from trm.train.distributed import barrier, init_world
 
     init_world("cpu", timeout_minutes=1)
     barrier(30, "warm-up")
     if rank == 1:
-        time.sleep(6)  # the slow rank
-        out[rank] = "slept"
+        # The slow rank: it does not reach the barrier until rank 0 has given up on it, so rank 0
+        # can only get past its barrier by timing out (no fixed sleep decides the outcome).
+        out[rank] = "rank 0 gave up" if rank0_gave_up.wait(SLOW_RANK_DEADLINE_S) else "rank 0 never gave up"
         return
-    started = time.time()
     try:
         barrier(2, "the end of saving step_7")
         out[rank] = "no error"
     except TimeoutError as err:
-        out[rank] = (str(err), time.time() - started)
+        out[rank] = str(err)
+    finally:
+        rank0_gave_up.set()
 
 
 def test_barrier_times_out_and_names_the_slow_rank():
     with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
-        result = out[0]
-    assert result != "no error"
-    message, waited = result
-    assert "the end of saving step_7" in message and "2 s" in message
-    assert "1" in message.split(":", 1)[1], message  # gloo names the rank that did not arrive
-    assert waited < 5.5, "the barrier must give up after its timeout, not wait for the slow rank"
+        out, rank0_gave_up = manager.dict(), manager.Event()
+        mp.spawn(_worker, args=(_free_port(), out, rank0_gave_up), nprocs=2, join=True)
+        result, slow = out[0], out[1]
+    assert slow == "rank 0 gave up", "the barrier must give up after its timeout, not wait for the slow rank"
+    assert result != "no error", "the barrier passed although rank 1 never arrived"
+    assert "the end of saving step_7" in result and "within 2 s" in result, result
+    detail = result.split("within 2 s: ", 1)[1]
+    assert re.search(r"\bRanks? 1 failed", detail), f"gloo must name rank 1 as the one that did not arrive: {result}"

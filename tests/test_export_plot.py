@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from test_serve import LiveServer, copy_run, eval_grids, random_sudoku, tiny_run  # noqa: F401  (shared fixture)
+from test_serve import LiveServer, copy_run, eval_grids, random_sudoku, seeded_rng, tiny_run  # noqa: F401  (shared fixtures)
 from trm import export
 from trm.config import load_config
 from trm.model import act_loss, build_model
@@ -28,7 +28,13 @@ from trm.serve.follow import ModelSlot
 from trm.serve.solver import ServedModel
 from trm.train.metrics import MetricsLog, Throughput, training_flops_per_step
 
-RNG = np.random.default_rng()
+RNG = np.random.default_rng(0)  # each test replaces it (own_seeded_rng)
+
+
+@pytest.fixture(autouse=True)
+def own_seeded_rng(test_seed, monkeypatch):
+    """This file's draws come from the test's seed (named on failure)."""
+    monkeypatch.setattr(sys.modules[__name__], "RNG", np.random.default_rng(test_seed + 1))
 
 
 def _load(path: Path):

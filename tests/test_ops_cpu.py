@@ -9,8 +9,8 @@ the max error of the plain PyTorch implementation run at the same precision (for
 bfloat16 that is the formula evaluated in that dtype; for float32, ``trm.ops.reference``); NaN
 never passes. The floor is one ulp of the output dtype at the output's scale (``ulp_floor``):
 storing the result costs up to half of that whatever the kernel, and on small tensors the plain
-error can be luckily smaller. The loss is within 1e-6 relative of the float64 formula. Fresh
-random inputs each test.
+error can be luckily smaller. The loss is within 1e-6 relative of the float64 formula. Random inputs
+come from the test's seed (tests/conftest.py; a failure names it, TRM_TEST_SEED=N redraws them).
 
 The ``check_*`` helpers take a device: ``tests/test_ops_cuda_build.py`` runs them on a GPU.
 """
@@ -26,7 +26,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trm.ops import native, reference
+from conftest import proves_kernels_ran
+from trm.ops import counters, native, reference
+from trm.ops.native import loader as native_loader
 
 EPS = 1e-5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -49,6 +51,7 @@ def impls(device: str) -> dict:
 
 
 def fresh_gen() -> torch.Generator:
+    """A generator drawn from torch's global one, which conftest seeds per test."""
     return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
 
 
@@ -102,6 +105,7 @@ def rms_inputs(layout: str, shape, device, dtype, with_residual: bool, g):
     return x, r, (1 if layout == "dim1" else -1)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "rms_norm", "rms_norm", "rms_norm_fwd", "rms_norm_bwd")
 def check_rms_norm(device, dtype, layout, shape, with_residual):
     """Forward and backward of impls(device)['rms_norm'] under the error rule; residual grad == x grad."""
     g = fresh_gen()
@@ -171,6 +175,7 @@ def test_rms_norm_transposed_view_runs_without_copy():
     torch.testing.assert_close(y_odd, reference.rms_norm(odd, EPS), rtol=1e-5, atol=1e-6)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "rms_norm", "rms_norm", "rms_norm_fwd", "rms_norm_fwd_only")
 def check_forward_only(device):
     """no_grad (or no input needing grad) runs rms_norm_fwd_only; with grad, rms_norm_fwd."""
     g = fresh_gen()
@@ -202,12 +207,16 @@ def test_rms_norm_forward_only_under_no_grad():
 def test_rms_norm_routes_unsupported_inputs_to_reference():
     fn = native.IMPLS_CPU["rms_norm"]
     x64 = torch.randn(4, 9, dtype=torch.float64)
-    assert torch.equal(fn(x64, EPS), reference.rms_norm(x64, EPS))
-    x = torch.randn(4, 9)
-    r16 = torch.randn(4, 9, dtype=torch.float16)                  # mixed dtypes: the reference's promotion
-    assert torch.equal(fn(x, EPS, -1, r16), reference.rms_norm(x, EPS, -1, r16))
-    rb = torch.randn(1, 9)                                        # broadcast residual
-    assert torch.equal(fn(x, EPS, -1, rb), reference.rms_norm(x, EPS, -1, rb))
+    with counters.record() as seen:
+        assert torch.equal(fn(x64, EPS), reference.rms_norm(x64, EPS))
+        x = torch.randn(4, 9)
+        r16 = torch.randn(4, 9, dtype=torch.float16)              # mixed dtypes: the reference's promotion
+        assert torch.equal(fn(x, EPS, -1, r16), reference.rms_norm(x, EPS, -1, r16))
+        rb = torch.randn(1, 9)                                    # broadcast residual
+        assert torch.equal(fn(x, EPS, -1, rb), reference.rms_norm(x, EPS, -1, rb))
+    assert not seen.launches, seen                                # each fell back, and says so:
+    assert seen.fell_back("cpu", "rms_norm") == ["float64[4, 9] cpu", "float32[4, 9] cpu, float16[4, 9] cpu",
+                                                 "float32[4, 9] cpu, float32[1, 9] cpu"]
     with pytest.raises(IndexError):                               # bad dim: the reference's error
         fn(x, EPS, 2)
     with OpLog() as log:
@@ -228,6 +237,7 @@ def test_rms_norm_kernel_errors_are_clear():
 # SwiGLU
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran(lambda device, *a, **k: device, "swiglu", "swiglu", "swiglu_fwd", "swiglu_bwd")
 def check_swiglu(device, dtype, shape, transposed=False):
     g = fresh_gen()
     gu = randn(shape, g, device, dtype, 2.0)
@@ -310,6 +320,7 @@ def awkward_batch(shape, dtype, device, g):
     return logits.to(device=device, dtype=dtype), labels.to(device)
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "stablemax_cross_entropy", "stablemax_ce", "stablemax_ce_fwd", "stablemax_ce_bwd")
 def check_stablemax_ce(device, dtype, shape):
     g = fresh_gen()
     logits, labels = awkward_batch(shape, dtype, device, g)
@@ -385,6 +396,7 @@ def adam64(p, g, m, v, *, step, lr, beta1, beta2, weight_decay):
     return p, m, v
 
 
+@proves_kernels_ran(lambda device, *a, **k: device, "adam_atan2", "adam_atan2", "adam_atan2")
 def check_adam_atan2(device, shapes=ADAM_SHAPES, steps=(1, 2, 7)):
     g = fresh_gen()
     params = [randn(s, g, device) for s in shapes]
@@ -535,9 +547,9 @@ def test_status_and_availability():
 def test_failed_build_is_reported_not_raised(tmp_path):
     bad = tmp_path / "bad.cpp"
     bad.write_text("this is not C++ {\n")
-    ok, reason = native._build("trm_ops_broken_test", [str(bad)], build_directory=str(tmp_path))
+    ok, reason = native_loader._build("trm_ops_broken_test", [str(bad)], build_directory=str(tmp_path))
     assert not ok and reason
-    ok, reason = native._build("trm_ops_missing_test", [str(tmp_path / "nope.cpp")], build_directory=str(tmp_path))
+    ok, reason = native_loader._build("trm_ops_missing_test", [str(tmp_path / "nope.cpp")], build_directory=str(tmp_path))
     assert not ok and "missing" in reason
 
 
@@ -546,10 +558,10 @@ def test_stale_aot_library_is_detected(tmp_path):
     so.write_bytes(b"")
     import os
     os.utime(so, (0, 0))                                          # older than every source
-    assert "older than csrc/" in native._aot_stale(str(so))
-    newest = max(os.path.getmtime(f) for f in native._build_config().all_source_files())
+    assert "older than csrc/" in native_loader._aot_stale(str(so))
+    newest = max(os.path.getmtime(f) for f in native_loader._build_config().all_source_files())
     os.utime(so, (newest + 10, newest + 10))
-    assert native._aot_stale(str(so)) is None
+    assert native_loader._aot_stale(str(so)) is None
 
 
 def test_import_builds_nothing_and_a_failed_jit_falls_back_to_the_older_aot():
@@ -558,10 +570,11 @@ def test_import_builds_nothing_and_a_failed_jit_falls_back_to_the_older_aot():
     code = """
 import importlib.util, sys, trm, trm.model, trm.ops
 from trm.ops import native
+from trm.ops.native import loader as native_loader
 assert native.status()['status'] == 'not loaded' and 'trm._C' not in sys.modules, native.status()
 if importlib.util.find_spec('trm._C') is not None:
-    native._aot_stale = lambda f: 'pretend stale'
-    native._load_jit = lambda: (False, 'pretend: no compiler')
+    native_loader._aot_stale = lambda f: 'pretend stale'
+    native_loader._load_jit = lambda: (False, 'pretend: no compiler')
     assert native.load(), native.status()
     st = native.status()
     assert st['source'] == 'aot' and any('using the older trm._C' in n for n in st['notes']), st

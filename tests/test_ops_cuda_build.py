@@ -24,6 +24,7 @@ from test_ops_cpu import (DTYPES, OPCHECK_NAMES, RMS_SHAPES, assert_error_rule, 
                           check_forward_only, check_rms_norm, check_stablemax_ce, check_swiglu, declared_ops,
                           opcheck_cases)
 from trm.ops import native
+from trm.ops.native import loader as native_loader
 
 BUILD = ("build it: pip install torch 'setuptools>=77' wheel ninja pybind11 && "
          "CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e '.[dev]'  (see README, Quickstart)")
@@ -63,7 +64,7 @@ def cuda_toolkit_here() -> str | None:
 
 def test_extension_imports_links_and_is_current(probe):
     assert os.path.basename(os.path.dirname(probe["file"])) == "trm"
-    stale = native._aot_stale(probe["file"])
+    stale = native_loader._aot_stale(probe["file"])
     assert stale is None, f"{stale}: the installed kernels are not the sources' ({BUILD})"
 
 

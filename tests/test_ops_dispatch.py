@@ -7,12 +7,17 @@ CPU extension is JIT-built on first use when ``pip install`` did not build it.
 - explicit backends fail loudly (unknown name, unavailable backend with its reason, wrong device,
   an op the backend lacks), ``auto`` falls back and names the missing backend once;
 - the model gives the same outputs and gradients under ``cpu`` and ``triton`` as under ``torch``
-  (and the kernels really ran: calls are counted), and compiles with ``torch.compile``;
+  (and the kernels really ran: their launches are counted, ``trm.ops.counters``, and no call fell
+  back to the reference), and compiles with ``torch.compile``; on a GPU the same for ``cuda``,
+  ``triton`` and ``auto`` on CUDA tensors (``gpu``-marked);
+- on a GPU machine the interpreter is off and the Triton cases run on CUDA tensors instead
+  (``kernel_device``), so the whole file passes there too;
 - AdamATan2 through each backend equals the reference update.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
@@ -21,9 +26,17 @@ import pytest
 import torch
 
 from trm import ops
-from trm.ops import dispatch, native, reference
+from trm.ops import counters, dispatch, native, reference
 
 EPS = 1e-5
+
+
+def kernel_device(backend: str) -> str:
+    """The device whose tensors ``backend``'s kernels take in this session: Triton takes CPU tensors
+    only under the interpreter (no GPU visible, tests/conftest.py), else CUDA tensors."""
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return "cuda"
+    return "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -99,8 +112,10 @@ def test_missing_native_auto_falls_back_once_explicit_raises(monkeypatch):
     x = torch.randn(3, 16)
     with pytest.raises(RuntimeError, match="simulated build failure"):
         ops.set_backend("cpu")
-    ops.set_backend("auto")
     with pytest.warns(RuntimeWarning, match="simulated build failure"):
+        ops.set_backend("auto")                                  # named when auto is chosen
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         y = ops.rms_norm(x, EPS)
     assert torch.equal(y, reference.rms_norm(x, EPS))
     with warnings.catch_warnings():
@@ -140,13 +155,13 @@ def make_batch(cfg):
     return batch
 
 
-def run_model(backend: str, overrides: dict, steps: int, compile_: bool = False):
+def run_model(backend: str, overrides: dict, steps: int, compile_: bool = False, device: str = "cpu"):
     from trm.model import act_loss, build_model
 
     torch.manual_seed(0)
     cfg = {**TINY, **overrides}
-    model = build_model(cfg).train()
-    batch = make_batch(cfg)
+    model = build_model(cfg).train().to(device)
+    batch = {k: v.to(device) for k, v in make_batch(cfg).items()}
     step_fn = torch.compile(model, dynamic=False) if compile_ else model
     outs = []
     with ops.use_backend(backend):
@@ -160,16 +175,6 @@ def run_model(backend: str, overrides: dict, steps: int, compile_: bool = False)
     return outs, grads
 
 
-def count_calls(monkeypatch, impls: dict) -> dict[str, int]:
-    calls = {op: 0 for op in impls}
-    for op, fn in list(impls.items()):
-        def counted(*a, _fn=fn, _op=op, **k):
-            calls[_op] += 1
-            return _fn(*a, **k)
-        monkeypatch.setitem(impls, op, counted)
-    return calls
-
-
 def assert_same(a_outs, a_grads, b_outs, b_grads, tol):
     for a, b in zip(a_outs, b_outs):
         assert a.keys() == b.keys()
@@ -180,21 +185,56 @@ def assert_same(a_outs, a_grads, b_outs, b_grads, tol):
         torch.testing.assert_close(a_grads[n], b_grads[n], rtol=tol, atol=tol, msg=lambda m, n=n: f"grad {n}: {m}")
 
 
+def expected_kernels(backend: str, overrides: dict, device: str) -> dict[str, str]:
+    """csrc file -> the backend whose kernels of that file the model must launch under ``backend``."""
+    uses_attention = not overrides.get("mlp_t")
+    files = {"rms_norm": "rms_norm", "stablemax_cross_entropy": "stablemax_ce", "swiglu": "swiglu",
+             "attention": "attention", "apply_rope": "rope"}
+    model_ops = ["rms_norm", "stablemax_cross_entropy", "swiglu"] + (["attention", "apply_rope"] if uses_attention else [])
+    if backend == "auto":   # the first candidate of AUTO_ORDER: a correct kernel is never refused
+        picks = {op: dispatch.AUTO_ORDER[op].get(device, ("torch",))[0] for op in model_ops}
+    else:
+        picks = {op: backend for op in model_ops}
+    return {files[op]: b for op, b in picks.items() if b != "torch" and op in dispatch.impls(b)}
+
+
+def check_model_runs_kernels(backend: str, overrides: dict, steps: int, device: str, tol: float) -> None:
+    with counters.record() as none:
+        outs_t, grads_t = run_model("torch", overrides, steps, device=device)
+    assert not none.launches, f"kernels=torch launched kernels: {none}"
+    if backend == "auto":
+        ops.set_backend("auto")     # verifies the candidates first (trm.ops.verify)
+    with counters.record() as seen:
+        outs_b, grads_b = run_model(backend, overrides, steps, device=device)
+    expected = expected_kernels(backend, overrides, device)
+    assert expected, "nothing to check"
+    for file, kernel_backend in expected.items():
+        assert seen.ran(kernel_backend, file), f"no {kernel_backend} {file} kernel ran under {backend}: {seen}"
+    assert not seen.fell_back(), f"calls fell back to the reference: {seen.fallbacks}"
+    ce = "stablemax_ce_fwd_kernel" if expected["stablemax_ce"] == "triton" else "stablemax_ce_fwd"
+    assert seen.launches[(expected["stablemax_ce"], f"stablemax_ce/{ce}")] == steps, seen
+    assert_same(outs_b, grads_b, outs_t, grads_t, tol=tol)
+
+
 # mlp_t runs one supervision step: its norm over the short sequence axis amplifies fp32
 # summation-order noise through the recursion (both backends are equally far from fp64).
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 @pytest.mark.parametrize("overrides,steps", MODEL_CASES, ids=["attention", "mlp_t"])
-def test_model_backend_matches_torch(backend, overrides, steps, monkeypatch):
+def test_model_backend_matches_torch(backend, overrides, steps):
     ok, reason = dispatch.available(backend)
     assert ok, f"backend {backend} must run on this machine: {reason}"
-    calls = count_calls(monkeypatch, dispatch._provider(backend)[0])
-    outs_t, grads_t = run_model("torch", overrides, steps)
-    assert not any(calls.values()), calls
-    outs_b, grads_b = run_model(backend, overrides, steps)
-    assert calls["rms_norm"] > 0 and calls["stablemax_cross_entropy"] == steps, calls
-    if backend == "triton":
-        assert calls["swiglu"] > 0 and (overrides.get("mlp_t") or calls["attention"] > 0), calls
-    assert_same(outs_b, grads_b, outs_t, grads_t, tol=2e-5)
+    check_model_runs_kernels(backend, overrides, steps, kernel_device(backend), tol=2e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "auto"])
+@pytest.mark.parametrize("overrides,steps", MODEL_CASES, ids=["attention", "mlp_t"])
+def test_model_on_gpu_matches_torch(backend, overrides, steps):
+    """The GPU variant: every kernel backend auto may pick there, and auto itself, on CUDA tensors."""
+    if backend != "auto":
+        ok, reason = dispatch.available(backend)
+        assert ok, f"backend {backend} must run on this GPU machine: {reason}"
+    check_model_runs_kernels(backend, overrides, steps, "cuda", tol=1e-4)
 
 
 def test_model_compiles_with_torch_compile():
@@ -242,9 +282,10 @@ def test_adam_atan2_backends_match_reference(backend):
         pytest.fail(f"backend {backend} must implement adam_atan2 (issue 4)")
     g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
     shapes = [(97, 33), (512,), (3, 5, 7)]
+    device = kernel_device(backend)
 
     def fresh():
-        return [torch.randn(s, generator=g) for s in shapes]
+        return [torch.randn(s, generator=g).to(device) for s in shapes]
 
     p0, m0, v0 = fresh(), fresh(), [t.abs() for t in fresh()]
     grads = fresh()
@@ -253,8 +294,9 @@ def test_adam_atan2_backends_match_reference(backend):
     out = [[t.clone() for t in ts] for ts in (p0, m0, v0)]
     kw = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1)
     reference.adam_atan2(*ref[:1], grads, *ref[1:], **kw)
-    with ops.use_backend(backend, op="adam_atan2"):
+    with ops.use_backend(backend, op="adam_atan2"), counters.record() as seen:
         ops.adam_atan2(*out[:1], grads, *out[1:], **kw)
+    assert seen.ran(backend, "adam_atan2") and not seen.fell_back(), seen
     for a_list, b_list in zip(out, ref):
         for a, b in zip(a_list, b_list):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
@@ -265,8 +307,9 @@ def test_adam_atan2_backends_match_reference(backend):
 def test_out_of_range_labels_raise_the_same_error_on_every_backend(backend, bad):
     """A bad label is a data bug: every backend says so with one error type (IndexError) naming the
     label and its position; the ignore_index is never out of range."""
-    logits = torch.randn(2, 3, 11)
-    labels = torch.zeros(2, 3, dtype=torch.long)
+    device = kernel_device(backend)
+    logits = torch.randn(2, 3, 11, device=device)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=device)
     labels[1, 2] = bad
     with ops.use_backend(backend, op="stablemax_cross_entropy"):
         with pytest.raises(IndexError, match=rf"label {bad} .*out of range \[0, 11\)"):

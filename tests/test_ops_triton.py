@@ -1,4 +1,4 @@
-"""Triton kernels (``csrc/triton``, via ``trm.ops.triton_backend.IMPLS``) vs the PyTorch reference.
+"""Triton kernels (``csrc/triton``, via ``trm.ops.triton.IMPLS``) vs the PyTorch reference.
 
 Run: ``python -m pytest tests/test_ops_triton.py -q``. Without a GPU, tests/conftest.py turns the
 Triton interpreter on (``TRITON_INTERPRET=1``): the kernels run on CPU tensors, program by
@@ -8,7 +8,8 @@ program. On a GPU machine the interpreter is off: the interpreter tests are skip
 Error rule (DESIGN.md, "Ops"): against a float64 evaluation of the same formula, the kernel's
 max error is at most 2x the max error of plain PyTorch (the reference op) at the same precision,
 plus, for fp32 only, one ulp of the output's scale where both sides are a few ulp off; NaN never
-passes. The loss is within 1e-6 relative of the float64 formula. Fresh random inputs each run.
+passes. The loss is within 1e-6 relative of the float64 formula. Random inputs
+come from the test's seed (tests/conftest.py; a failure names it, TRM_TEST_SEED=N redraws them).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from trm.ops import reference
-from trm.ops import triton_backend as tb
+from conftest import proves_kernels_ran
+from trm.ops import counters, reference
+from trm.ops import triton as tb
+from trm.ops.triton import adam_atan2 as triton_adam_atan2
+from trm.ops.triton import loader as triton_loader
+from trm.ops.triton import rms_norm as triton_rms_norm
 from trm.train.optim import AdamATan2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +36,7 @@ EPS = 1e-5
 IMPLS = tb.IMPLS
 
 AVAILABLE, WHY_NOT = tb.available()
-INTERPRETING = AVAILABLE and tb._interpreting()
+INTERPRETING = AVAILABLE and triton_loader.interpreting()
 interpreter = pytest.mark.skipif(   # only with a GPU: on a CPU-only machine a missing interpreter FAILS
     not INTERPRETING and torch.cuda.is_available(),
     reason="the Triton interpreter is off (a GPU is visible): the gpu-marked tests run these kernels on CUDA")
@@ -59,6 +64,7 @@ def test_backend_is_available_here():
 # ---------------------------------------------------------------------------------------------
 
 def gen(device: str) -> torch.Generator:
+    """A generator on ``device`` drawn from torch's global one, which conftest seeds per test."""
     return torch.Generator(device=device).manual_seed(torch.randint(0, 2**31 - 1, ()).item())
 
 
@@ -110,6 +116,7 @@ def rms64(x, residual=None, dim=-1):
     return s * torch.rsqrt(s.square().mean(dim, keepdim=True) + EPS)
 
 
+@proves_kernels_ran("triton", "rms_norm", "rms_norm", "rms_norm_fwd_kernel", "rms_norm_bwd_kernel")
 def check_rms_norm(x, residual, dim, dy):
     """Forward + backward of the kernel vs the reference (same dtype) vs float64."""
     dtype = x.dtype
@@ -169,13 +176,13 @@ def test_rms_norm_forward_only_saves_nothing(monkeypatch):
     x = randn((4, 33, 64), g, "cpu", shift=0.1).requires_grad_(True)
     residual = randn((4, 33, 64), g, "cpu")
     store_flags = []
-    real_forward = tb._rms_norm_forward
+    real_forward = triton_rms_norm._rms_norm_forward
 
     def spy(*args, store_rstd, **kwargs):
         store_flags.append(store_rstd)
         return real_forward(*args, store_rstd=store_rstd, **kwargs)
 
-    monkeypatch.setattr(tb, "_rms_norm_forward", spy)
+    monkeypatch.setattr(triton_rms_norm, "_rms_norm_forward", spy)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         with torch.no_grad():
@@ -192,24 +199,32 @@ def test_rms_norm_forward_only_saves_nothing(monkeypatch):
 
 @interpreter
 def test_unsupported_inputs_run_the_reference():
+    """Each of these falls back, and says so (counters): none launches a kernel."""
     g = gen("cpu")
     x = randn((3, 5, 8), g, "cpu", torch.float64)
-    assert torch.equal(IMPLS["rms_norm"](x, EPS), reference.rms_norm(x, EPS))
-    assert torch.equal(IMPLS["swiglu"](x), reference.swiglu(x))
-    q = randn((1, 9, 2, 24), g, "cpu")                                    # head dim 24: not a kernel size
-    assert torch.equal(IMPLS["attention"](q, q, q), reference.attention(q, q, q))
-    with pytest.raises(IndexError):                                       # an illegal dim fails as in torch
-        IMPLS["rms_norm"](x.float(), EPS, 3)
-    logits = randn((2, 3, 5), g, "cpu", torch.float64)
-    labels = torch.randint(0, 5, (2, 3), generator=g)
-    assert torch.equal(IMPLS["stablemax_cross_entropy"](logits, labels),
-                       reference.stablemax_cross_entropy(logits, labels))
+    with counters.record() as seen:
+        assert torch.equal(IMPLS["rms_norm"](x, EPS), reference.rms_norm(x, EPS))
+        assert torch.equal(IMPLS["swiglu"](x), reference.swiglu(x))
+        q = randn((1, 9, 2, 24), g, "cpu")                                # head dim 24: not a kernel size
+        assert torch.equal(IMPLS["attention"](q, q, q), reference.attention(q, q, q))
+        with pytest.raises(IndexError):                                   # an illegal dim fails as in torch
+            IMPLS["rms_norm"](x.float(), EPS, 3)
+        logits = randn((2, 3, 5), g, "cpu", torch.float64)
+        labels = torch.randint(0, 5, (2, 3), generator=g)
+        assert torch.equal(IMPLS["stablemax_cross_entropy"](logits, labels),
+                           reference.stablemax_cross_entropy(logits, labels))
+    assert not seen.launches, seen
+    assert seen.fell_back("triton", "rms_norm") == ["float64[3, 5, 8] cpu", "float32[3, 5, 8] cpu"]
+    assert seen.fell_back("triton", "swiglu") == ["float64[3, 5, 8] cpu"]
+    assert seen.fell_back("triton", "attention") == [", ".join(["float32[1, 9, 2, 24] cpu"] * 3)]
+    assert seen.fell_back("triton", "stablemax_cross_entropy") == ["float64[2, 3, 5] cpu, int64[2, 3] cpu"]
 
 
 # ---------------------------------------------------------------------------------------------
 # swiglu
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran("triton", "swiglu", "swiglu", "swiglu_fwd_kernel", "swiglu_bwd_kernel")
 def check_swiglu(gate_up, dy):
     dtype = gate_up.dtype
     y_k, (g_k,) = grads(IMPLS["swiglu"], [gate_up], dy)
@@ -251,6 +266,7 @@ def rope_tables(L, K, device):
     return angles.cos(), angles.sin()
 
 
+@proves_kernels_ran("triton", "apply_rope", "rope", "rope_kernel")
 def check_rope(B, L, H, K, dtype, device):
     """q and k are views into a packed qkv projection, as in the model."""
     g = gen(device)
@@ -284,6 +300,7 @@ def test_rope(B, L, H, K, dtype):
 # attention
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran("triton", "attention", "attention", "attention_fwd_kernel", "attention_bwd_delta_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel")
 def check_attention(B, L, H, K, dtype, device):
     """q, k, v are views into a packed qkv tensor; the gradient flows back into it."""
     g = gen(device)
@@ -330,6 +347,7 @@ def test_attention_forward_only():
 # stablemax_cross_entropy
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran("triton", "stablemax_cross_entropy", "stablemax_ce", "stablemax_ce_fwd_kernel", "stablemax_ce_bwd_kernel")
 def check_stablemax(logits, labels):
     dtype = logits.dtype
     w = torch.rand(labels.shape, generator=gen(str(logits.device.type)), device=logits.device, dtype=torch.float64)
@@ -390,6 +408,7 @@ def test_stablemax_strided_labels_and_errors():
 # adam_atan2
 # ---------------------------------------------------------------------------------------------
 
+@proves_kernels_ran("triton", "atan2", "adam_atan2", "atan2_kernel")
 def atan2_check(device):
     g = gen(device)
     n = 200_000
@@ -400,7 +419,7 @@ def atan2_check(device):
                            device=device)
     y = torch.cat([y, special.repeat_interleave(len(special)), torch.randn(1000, generator=g, device=device)])
     x = torch.cat([x, special.repeat(len(special)), torch.randn(1000, generator=g, device=device)])
-    ours = tb.atan2(y, x)
+    ours = triton_adam_atan2.atan2(y, x)
     exact = torch.atan2(y.double(), x.double())
     ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
     err = (ours.double() - exact).abs()
@@ -421,6 +440,7 @@ def test_atan2_matches_torch():
     atan2_check("cpu")
 
 
+@proves_kernels_ran("triton", "adam_atan2", "adam_atan2", "adam_atan2_kernel")
 def adam_check(device, steps=4, weight_decay=0.1):
     """The kernel vs the AdamATan2 optimizer (fp32) vs the reference update in float64."""
     g = gen(device)
@@ -467,33 +487,26 @@ def test_adam_atan2_matches_optimizer(weight_decay):
 
 
 @interpreter
-def test_adam_atan2_one_launch_and_fallback(monkeypatch):
+def test_adam_atan2_one_launch_and_fallback():
     g = gen("cpu")
     params = [randn((5, 3), g, "cpu"), randn((4,), g, "cpu")]
     lists = [params, [randn(p.shape, g, "cpu") for p in params], [torch.zeros_like(p) for p in params],
              [torch.zeros_like(p) for p in params]]
-    launches = []
-    kernel = tb._kernels("adam_atan2").adam_atan2_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return kernel[grid]
-
-    monkeypatch.setattr(tb._kernels("adam_atan2"), "adam_atan2_kernel", Spy())
     expected = [[t.clone() for t in ts] for ts in lists]
-    IMPLS["adam_atan2"](*lists, step=1, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    with counters.record() as seen:
+        IMPLS["adam_atan2"](*lists, step=1, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
     reference.adam_atan2(*expected, step=1, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.0)
-    assert len(launches) == 1                               # every tensor in one launch
+    assert seen.launches == {("triton", "adam_atan2/adam_atan2_kernel"): 1}, seen   # every tensor in one launch
     for got, want in zip(lists[0], expected[0]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     strided = [randn((3, 5), g, "cpu").t(), randn((4, 2), g, "cpu").t()]     # non-contiguous: the reference runs
     lists = [strided] + [[randn(p.shape, g, "cpu").t().contiguous().t() for p in strided]] + \
         [[torch.zeros_like(p) for p in strided] for _ in range(2)]
     expected = [[t.clone() for t in ts] for ts in lists]
-    IMPLS["adam_atan2"](*lists, step=1, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.1)
+    with counters.record() as seen:
+        IMPLS["adam_atan2"](*lists, step=1, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.1)
     reference.adam_atan2(*expected, step=1, lr=0.5, beta1=0.9, beta2=0.99, weight_decay=0.1)
-    assert len(launches) == 1
+    assert not seen.launches and len(seen.fell_back("triton", "adam_atan2")) == 1, seen
     for got, want in zip(lists[0], expected[0]):
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="step"):
@@ -507,14 +520,17 @@ def test_bf16_runs_the_reference_in_the_interpreter():
     g = gen("cpu")
     bf16 = torch.bfloat16
     x = randn((3, 37, 64), g, "cpu", bf16)
-    assert torch.equal(IMPLS["rms_norm"](x, EPS, -1, x), reference.rms_norm(x, EPS, -1, residual=x))
-    assert torch.equal(IMPLS["swiglu"](x), reference.swiglu(x))
-    q = randn((1, 20, 2, 32), g, "cpu", bf16)
-    cos, sin = rope_tables(20, 32, "cpu")
-    assert all(map(torch.equal, IMPLS["apply_rope"](q, q, cos, sin), reference.apply_rope(q, q, cos, sin)))
-    assert torch.equal(IMPLS["attention"](q, q, q), reference.attention(q, q, q))
-    labels = torch.randint(0, 64, (3, 37), generator=g)
-    assert torch.equal(IMPLS["stablemax_cross_entropy"](x, labels), reference.stablemax_cross_entropy(x, labels))
+    with counters.record() as seen:
+        assert torch.equal(IMPLS["rms_norm"](x, EPS, -1, x), reference.rms_norm(x, EPS, -1, residual=x))
+        assert torch.equal(IMPLS["swiglu"](x), reference.swiglu(x))
+        q = randn((1, 20, 2, 32), g, "cpu", bf16)
+        cos, sin = rope_tables(20, 32, "cpu")
+        assert all(map(torch.equal, IMPLS["apply_rope"](q, q, cos, sin), reference.apply_rope(q, q, cos, sin)))
+        assert torch.equal(IMPLS["attention"](q, q, q), reference.attention(q, q, q))
+        labels = torch.randint(0, 64, (3, 37), generator=g)
+        assert torch.equal(IMPLS["stablemax_cross_entropy"](x, labels), reference.stablemax_cross_entropy(x, labels))
+    assert not seen.launches and {op for _, op, _ in seen.fallbacks} == {
+        "rms_norm", "swiglu", "apply_rope", "attention", "stablemax_cross_entropy"}, seen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +547,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 def test_import_is_lazy_and_cpu_without_interpreter_is_unavailable():
     proc = run_python(
         "import sys\n"
-        "import trm.ops.triton_backend as tb\n"
+        "import trm.ops.triton as tb\n"
         "assert 'triton' not in sys.modules, 'importing the backend imported triton'\n"
         "ok, why = tb.available()\n"
         "assert ok is False and 'TRITON_INTERPRET=1' in why, (ok, why)\n"

@@ -41,8 +41,7 @@ def _brute_force(queries, q_group, q_ident, keys, k_group, k_ident, k, blank=0):
     return np.array(out)
 
 
-def test_exact_search_equals_brute_force_with_ties_and_chunks():
-    rng = np.random.default_rng()
+def test_exact_search_equals_brute_force_with_ties_and_chunks(rng):
     problem = _random_problem(rng)
     for k in (1, 4):
         want = _brute_force(*problem, k)
@@ -57,9 +56,8 @@ def test_exact_search_says_when_a_query_has_too_few_candidates():
                         k=3, vocab_size=2, blank_id=0)
 
 
-def test_faiss_search_agrees_with_exact_search(tmp_path, sudoku_dir):
+def test_faiss_search_agrees_with_exact_search(tmp_path, sudoku_dir, rng):
     pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra trm[rag])")
-    rng = np.random.default_rng()
     problem = _random_problem(rng, n_keys=120, n_queries=25, seq_len=9, vocab=3)  # many ties
     want = exact_neighbors(*problem, k=5, vocab_size=3, blank_id=0)
     flat = faiss_neighbors(*problem, k=5, vocab_size=3, blank_id=0, chunk_size=7)
@@ -96,7 +94,7 @@ def _rag_dataset(tmp_path, sudoku_dir, k=2, **rag):
     return build_dataset(cfg, World(0, 0, 1, torch.device("cpu")))
 
 
-def test_samples_have_context_from_other_groups_and_only_the_query_is_supervised(tmp_path, sudoku_dir):
+def test_samples_have_context_from_other_groups_and_only_the_query_is_supervised(tmp_path, sudoku_dir, rng):
     ds = _rag_dataset(tmp_path, sudoku_dir, k=2)
     base, train, S = ds.base, ds.base.train, 81
     assert ds.model_dims["seq_len"] == 5 * S and ds.model_dims["vocab_size"] == base.model_dims["vocab_size"]
@@ -108,7 +106,7 @@ def test_samples_have_context_from_other_groups_and_only_the_query_is_supervised
         np.asarray(train.inputs), groups, np.zeros(train.num_examples, np.int64), np.asarray(train.inputs), groups,
         np.zeros(train.num_examples, np.int64), 2, 11, 0))
 
-    positions = np.random.default_rng().integers(0, 10_000, 7)
+    positions = rng.integers(0, 10_000, 7)
     sample = ds.train_examples(positions, step=1)
     plain = base.train_examples(positions)
     np.testing.assert_array_equal(sample["inputs"][:, 4 * S:].numpy(), plain["inputs"].numpy())

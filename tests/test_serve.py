@@ -32,7 +32,14 @@ from trm.serve.tasks import TASKS, RequestError, task_for_dims
 
 TOKEN = "t0ken-" + os.urandom(6).hex()
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-RNG = np.random.default_rng()
+RNG = np.random.default_rng(0)  # each test replaces it (seeded_rng)
+
+
+@pytest.fixture(autouse=True)
+def seeded_rng(test_seed, monkeypatch):
+    """random_sudoku() and the other draws of this file come from the test's seed (named on
+    failure); test_export_plot.py imports this fixture for its calls of random_sudoku()."""
+    monkeypatch.setattr(sys.modules[__name__], "RNG", np.random.default_rng(test_seed))
 
 
 _TRAINED: dict[Path, Path] = {}
@@ -172,20 +179,40 @@ def test_string_grid_equals_list_grid(served):
 
 
 def test_concurrent_requests_are_batched_and_answered_like_solo_requests(served):
+    """24 requests in flight at once: the batcher's first forward is held until all of them are
+    queued (no timing involved), so the following batches must be full (max_batch rows)."""
     puzzles = [random_sudoku() for _ in range(24)]
-    batches_before = served.service.batcher.batches_run
-    start = threading.Barrier(len(puzzles))
+    batcher = served.service.batcher
+    submitted, sizes = threading.Semaphore(0), []
+    real_submit, real_run = batcher.submit, batcher._run
+
+    def counting_submit(tokens, puzzle_ids):
+        future = real_submit(tokens, puzzle_ids)
+        submitted.release()
+        return future
+
+    def recording_run(jobs):
+        if not sizes:  # hold the first batch until every request is queued (or 120 s passed)
+            deadline = time.monotonic() + 120
+            for _ in puzzles:
+                submitted.acquire(timeout=max(deadline - time.monotonic(), 0))
+        sizes.append(sum(len(job.tokens) for job in jobs))
+        real_run(jobs)
 
     def ask(grid):
         with served.client(headers=AUTH) as c:
-            start.wait()
             return c.post("/v1/solve", json={"task": "sudoku", "grid": grid})
 
-    with concurrent.futures.ThreadPoolExecutor(len(puzzles)) as pool:
-        replies = list(pool.map(ask, puzzles))
+    batcher.submit, batcher._run = counting_submit, recording_run  # instance attributes shadow the methods
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(puzzles)) as pool:
+            replies = list(pool.map(ask, puzzles))
+    finally:
+        del batcher.submit, batcher._run
     assert [r.status_code for r in replies] == [200] * len(puzzles)
-    batches = served.service.batcher.batches_run - batches_before
-    assert batches < len(puzzles) and served.service.batcher.largest_batch > 1, f"{batches} batches: nothing was batched"
+    assert sum(sizes) == len(puzzles), sizes
+    # after the held first batch, the other requests waited in the queue: full batches of max_batch
+    assert max(sizes[1:]) == batcher.max_batch and len(sizes) <= 1 + -(-(len(puzzles) - 1) // batcher.max_batch), sizes
     with served.client(headers=AUTH) as c:
         for grid, reply in zip(puzzles, replies):
             solo = c.post("/v1/solve", json={"task": "sudoku", "grid": grid}).json()
@@ -272,9 +299,12 @@ def test_bearer_token_is_checked(served):
 
 
 def test_newer_checkpoint_is_swapped_in_mid_traffic_without_a_failed_request(served, tiny_run):
+    """Every client has been answered by step 3 before step 6 is published, and keeps asking until
+    it has been answered by step 6 (events with generous deadlines, no fixed windows)."""
     seen: dict[int, list[int]] = {i: [] for i in range(4)}
     failures: list[str] = []
     stop = threading.Event()
+    answered = {step: {i: threading.Event() for i in seen} for step in (3, 6)}
 
     def traffic(i: int) -> None:
         with served.client(headers=AUTH) as c:
@@ -287,22 +317,32 @@ def test_newer_checkpoint_is_swapped_in_mid_traffic_without_a_failed_request(ser
                 if reply.status_code != 200:
                     failures.append(f"{reply.status_code} {reply.text[:200]}")
                 else:
-                    seen[i].append(reply.json()["checkpoint_step"])
+                    step = reply.json()["checkpoint_step"]
+                    seen[i].append(step)
+                    if step in answered:
+                        answered[step][i].set()
                 time.sleep(0.01)  # continuous traffic that still leaves the exporting child some CPU
+
+    def wait_all(step: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(event.wait(max(deadline - time.monotonic(), 0)) for event in answered[step].values())
 
     threads = [threading.Thread(target=traffic, args=(i,)) for i in seen]
     for t in threads:
         t.start()
-    time.sleep(0.5)
-    assert served.service.slot.current.step == 3
-    incoming = served.run_dir / "checkpoints" / ".incoming_step_6"
-    shutil.copytree(tiny_run / "checkpoints" / "step_6", incoming, ignore=shutil.ignore_patterns("export"))
-    os.rename(incoming, served.run_dir / "checkpoints" / "step_6")  # appears complete, atomically
-    swapped = served.service.slot.wait_for_step(6, timeout=120)
-    time.sleep(0.5)
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        assert wait_all(3, 120), f"not every client got an answer from step 3: {seen}"
+        assert served.service.slot.current.step == 3
+        incoming = served.run_dir / "checkpoints" / ".incoming_step_6"
+        shutil.copytree(tiny_run / "checkpoints" / "step_6", incoming, ignore=shutil.ignore_patterns("export"))
+        os.rename(incoming, served.run_dir / "checkpoints" / "step_6")  # appears complete, atomically
+        swapped = served.service.slot.wait_for_step(6, timeout=120)
+        answered_by_6 = wait_all(6, 120)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert answered_by_6, f"not every client got an answer from step 6: {seen}"
     assert swapped, "the newer checkpoint was not picked up"
     assert not failures, failures[:5]
     for steps in seen.values():
@@ -313,6 +353,37 @@ def test_newer_checkpoint_is_swapped_in_mid_traffic_without_a_failed_request(ser
         assert c.get("/healthz").json()["step"] == 6
         assert c.get("/v1/model").json()["step"] == 6
     assert (served.run_dir / "checkpoints" / "step_6" / "export" / "model.safetensors").is_file()
+
+
+def test_kernels_that_cannot_run_here_fall_back_to_auto_and_say_why(served, monkeypatch, capsys):
+    """A run trained with kernels=cuda, served where the CUDA kernels cannot run (planted: every
+    machine reads as one without them): the service names the reason, switches to auto, whose
+    native kernels then answer like the PyTorch reference; a backend that can run is kept."""
+    from trm import ops
+    from trm.ops import counters, dispatch
+    from trm.serve.solver import set_kernels
+
+    real_available = dispatch.available
+    monkeypatch.setattr(dispatch, "available",
+                        lambda name: (False, "planted: no CUDA device") if name == "cuda" else real_available(name))
+    model = served.service.slot.current
+    tokens, ids = RNG.integers(1, 11, size=(6, 81)).astype(np.int32), np.zeros(6, dtype=np.int32)
+    try:
+        assert set_kernels("cuda") == "auto" and ops.get_backend() == "auto"
+        said = capsys.readouterr().out
+        assert "kernels=cuda cannot run here" in said and "planted: no CUDA device" in said
+        assert "using kernels=auto" in said
+        with counters.record() as seen:
+            with_auto = model.solve(tokens, ids)
+        picked = dispatch.resolve("rms_norm", next(model.model.parameters()).device)
+        assert picked not in ("torch", "cuda") and seen.ran(picked, "rms_norm"), f"auto ran {picked}: {seen}"
+        assert set_kernels("cpu") == "cpu" and ops.get_backend() == "cpu" and capsys.readouterr().out == ""
+    finally:
+        ops.set_backend("torch")
+    with_torch = model.solve(tokens, ids)
+    np.testing.assert_array_equal(with_auto.steps, with_torch.steps)
+    np.testing.assert_allclose(with_auto.confidence, with_torch.confidence, atol=1e-4)
+    assert (with_auto.tokens == with_torch.tokens).mean() > 0.99
 
 
 def test_early_exit_rows_leave_the_batch_without_changing_answers(served):

@@ -8,10 +8,11 @@
     adam_atan2.py    fused multi-tensor AdamATan2 step (+ the fp32 atan2 it needs)
 
 These files are plain Python modules with ``@triton.jit`` functions; they hold no launch logic.
-``trm.ops.triton_backend`` loads them BY FILE PATH (csrc is not on ``sys.path``: do not add it,
-this package's name would shadow the ``triton`` module), picks block sizes, wraps them in
-``torch.autograd.Function`` and exposes them as ``trm.ops`` backends.
+``trm.ops.triton.loader`` loads them BY FILE PATH (csrc is not on ``sys.path``: do not add it,
+this package's name would shadow the ``triton`` module); ``trm.ops.triton.<same name>`` picks the
+block sizes, launches them, wraps them in ``torch.autograd.Function`` and is the op's ``triton``
+backend.
 
 Test: ``python -m pytest tests/test_ops_triton.py -q`` (CPU: the Triton interpreter; GPU: ``gpu``
-tests). Time: ``python -m trm.ops.triton_backend --bench [op ...]`` on a GPU.
+tests). Time: ``python -m trm.ops.triton --bench [op ...]`` on a GPU.
 """

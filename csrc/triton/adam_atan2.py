@@ -18,7 +18,7 @@ hi+lo constants for pi/4, pi/2, pi; measured max error 1.8 ulp (1.6e-7 relative)
 correctly rounded ``div_rn`` / ``sqrt_rn`` (plain ``/`` and ``tl.sqrt`` are approximate on GPU).
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k adam_atan2``
-Time:  ``python -m trm.ops.triton_backend --bench adam_atan2`` (vs the torch._foreach optimizer).
+Time:  ``python -m trm.ops.triton --bench adam_atan2`` (vs the torch._foreach optimizer).
 """
 
 import triton

@@ -19,7 +19,7 @@ the input dtype before their matmuls, as in FlashAttention); fp32 inputs use exa
 (``input_precision="ieee"``, no TF32).
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k attention``
-Time:  ``python -m trm.ops.triton_backend --bench attention`` (vs PyTorch SDPA).
+Time:  ``python -m trm.ops.triton --bench attention`` (vs PyTorch SDPA).
 """
 
 import triton

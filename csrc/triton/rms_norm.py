@@ -17,7 +17,7 @@ cycles): nothing is saved. Loads go to fp32 first (the interpreter gets bf16 mat
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k rms_norm``
        (on a CPU-only machine the tests run this file in the Triton interpreter).
-Time:  ``python -m trm.ops.triton_backend --bench rms_norm`` (GPU: triton.testing.do_bench,
+Time:  ``python -m trm.ops.triton --bench rms_norm`` (GPU: triton.testing.do_bench,
        kernel vs the PyTorch reference).
 """
 

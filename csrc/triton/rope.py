@@ -13,7 +13,7 @@ passed in). A program rotates ``BLOCK_R`` rows (a row = one (b, l, h)) of q and 
 of k. Math in fp32; loads go to fp32 first (the interpreter gets bf16 math wrong).
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k rope``
-Time:  ``python -m trm.ops.triton_backend --bench apply_rope``
+Time:  ``python -m trm.ops.triton --bench apply_rope``
 """
 
 import triton

@@ -16,7 +16,7 @@ strides; the vocabulary is narrow (6-12), so a program handles a ``[BLOCK_Q, BLO
 many rows. Loads go to fp32 first (the interpreter gets bf16 math wrong).
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k stablemax``
-Time:  ``python -m trm.ops.triton_backend --bench stablemax_cross_entropy``
+Time:  ``python -m trm.ops.triton --bench stablemax_cross_entropy``
 """
 
 import triton

@@ -11,7 +11,7 @@ without a copy. A program handles a ``[BLOCK_Q, BLOCK_F]`` tile of one ``p``; na
 packed many to a program. Loads go to fp32 first (the interpreter gets bf16 math wrong).
 
 Test:  ``python -m pytest tests/test_ops_triton.py -q -k swiglu``
-Time:  ``python -m trm.ops.triton_backend --bench swiglu``
+Time:  ``python -m trm.ops.triton --bench swiglu``
 """
 
 import triton

@@ -3,9 +3,9 @@
 Backends (DESIGN.md, "Ops"); each provides some ops, all with the reference's signature:
 
 - ``torch``: the plain-PyTorch reference (``trm.ops.reference``); every op. The default.
-- ``cpu``: native C++ CPU kernels (``trm.ops.native``, ``torch.ops.trm.*``), CPU tensors.
-- ``cuda``: native CUDA C++ kernels (``trm.ops.native``), CUDA tensors.
-- ``triton``: Triton kernels (``trm.ops.triton_backend``, sources in ``csrc/triton``), CUDA
+- ``cpu``: native C++ CPU kernels (``trm.ops.native.<op>``, ``torch.ops.trm.*``), CPU tensors.
+- ``cuda``: native CUDA C++ kernels (``trm.ops.native.<op>``), CUDA tensors.
+- ``triton``: Triton kernels (``trm.ops.triton.<op>``, sources in ``csrc/triton``), CUDA
   tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``).
 - ``auto``: per call, for the tensors' device, the first AVAILABLE backend of
   ``AUTO_ORDER[op][device]`` that has the op, else the reference. Every backend in that list
@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trm.ops import reference
+from trm.ops import reference, verify
 
 log = logging.getLogger("trm.ops")
 
@@ -80,8 +80,8 @@ def _provider(name: str) -> tuple[dict[str, Callable], Callable[[], tuple[bool, 
             return native.IMPLS_CPU, native.available_cpu
         return native.IMPLS_CUDA, native.available_cuda
     if name == "triton":
-        from trm.ops import triton_backend
-        return triton_backend.IMPLS, triton_backend.available
+        from trm.ops import triton as triton_ops
+        return triton_ops.IMPLS, triton_ops.available
     raise ValueError(f"unknown kernel backend {name!r}")
 
 
@@ -158,12 +158,26 @@ def set_backend(name: str | None, op: str | None = None) -> None:
 
 
 def _preload_auto() -> None:
-    """Load (build, self-check) every backend ``auto`` may pick on this machine NOW, eagerly: the
-    first availability check must not happen inside a ``torch.compile`` trace (a self-check
-    cannot run there, and the backend would be marked unavailable)."""
+    """Load (build, self-check) and verify (``trm.ops.verify``) every backend ``auto`` may pick on
+    this machine NOW, eagerly: neither may happen inside a ``torch.compile`` trace (they cannot run
+    there, and the backend would be refused)."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name in {b for order in AUTO_ORDER.values() for dev in devices for b in order.get(dev, ())}:
-        available(name)
+    for op, order in AUTO_ORDER.items():
+        for dev in devices:
+            if order.get(dev):
+                with _routed("auto", op):
+                    resolve(op, dev)  # availability, then verification, of the candidates in order
+
+
+@contextlib.contextmanager
+def _routed(name: str, op: str) -> Iterator[None]:
+    """Temporarily route ``op`` to ``name`` without ``set_backend``'s checks (``_preload_auto``)."""
+    saved_global, saved_per_op = _global_backend, dict(_per_op)
+    _per_op[op] = name
+    try:
+        yield
+    finally:
+        _restore(saved_global, saved_per_op)
 
 
 def get_backend(op: str | None = None) -> str:
@@ -214,7 +228,13 @@ def resolve(op: str, device: torch.device | str) -> str:
     for candidate in AUTO_ORDER.get(op, {}).get(device.type, ()):
         ok, reason = available(candidate)
         if ok and op in _provider(candidate)[0] and _device_ok(candidate, device):
-            return candidate
+            refused = verify.refusal(candidate, op, _provider(candidate)[0][op], device.type)
+            if refused is None:
+                return candidate
+            _warn_once(f"auto:verify:{candidate}:{op}:{device.type}",
+                       f"trm.ops: 'auto' refuses the {candidate} {op} kernel on {device.type}: {refused}; "
+                       f"it uses the next candidate or the PyTorch reference")
+            continue
         if not ok:
             _warn_once(f"auto:{candidate}", f"trm.ops: kernel backend {candidate!r} is unavailable ({reason}); "
                                             f"'auto' uses the next candidate or the PyTorch reference")
