@@ -41,7 +41,7 @@ from conftest import REPO
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
 CLIS = ("trm.train", "trm.evaluate", "trm.serve", "trm.data", "trm.export", "trm.plot")
-COMMAND_START = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:python3?|\.venv/bin/python|torchrun|deepspeed|launch/|sbatch|curl)\b")
+COMMAND_START = re.compile(r"^(?:[A-Z_]+=\S+\s+)*(?:(?:python3?|\.venv/bin/python|torchrun|deepspeed|sbatch|curl)(?=\s)|launch/)")
 
 KAGGLE_COMBINED = REPO.parent / "shared" / "data" / "arc-kaggle-combined"
 """The reference's ``kaggle/combined`` task files (README's ``--source kaggle/combined``), when this
@@ -302,7 +302,7 @@ def prepare(module: str, argv: list[str], workspace: Path) -> None:
     """What a user trying this command has before typing it: the CSVs an importer reads, and no
     output of an earlier alternative (a builder's --out, a new run's run_dir: both refuse to
     overwrite, rightly)."""
-    if module == "trm.data" and "--out" in argv:
+    if module in ("trm.data", "trm.export") and "--out" in argv:
         shutil.rmtree(workspace / argv[argv.index("--out") + 1], ignore_errors=True)
     if module == "trm.train" and not any(a.startswith("mode=") for a in argv):
         from trm.config import load_config
@@ -333,8 +333,10 @@ def run_command(command: str, workspace: Path, monkeypatch) -> str:
         if head in ("torchrun", "deepspeed"):
             outcomes.append(check_launcher_line(argv, workspace))
         elif argv[0].startswith("launch/"):
+            # A dry run on this one machine: the README's hosts (node0, ...) do not resolve here, so the
+            # launcher's interface check (toward MASTER_ADDR) is given the loopback interface.
             proc = subprocess.run(["bash", *argv], cwd=workspace, capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, **env, "DRY_RUN": "1", "PYTHON": sys.executable})
+                                  env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", **env, "DRY_RUN": "1", "PYTHON": sys.executable})
             assert proc.returncode == 0, f"{part}: exit {proc.returncode}\n{proc.stderr}"
             printed = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
             assert printed, f"{part} printed no command:\n{proc.stdout}"

@@ -2,7 +2,7 @@
 
     python -m trm.export runs/tiny --out exports/tiny                # the run's best checkpoint (else its latest)
     python -m trm.export runs/tiny --step latest --out exports/tiny  # or --step N
-    python -m trm.export runs/tiny/checkpoints/step_1000 --out exports/tiny
+    python -m trm.export CHECKPOINT_DIR --out exports/tiny    # one checkpoint: runs/tiny/checkpoints/step_N
     python -m trm.export runs/tiny --out exports/tiny --force        # replace an earlier export
 
 writes the folder ``--out``::
@@ -304,7 +304,7 @@ def _export_command(argv: list[str]) -> int:
     parser = cli.ArgumentParser(prog="python -m trm.export", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="a run folder (its best checkpoint, else its latest) or a checkpoint "
-                                       "folder such as runs/tiny/checkpoints/step_1000")
+                                       "folder such as runs/tiny/checkpoints/step_N")
     parser.add_argument("--out", required=True, help="export folder to write: a new path or an empty folder")
     parser.add_argument("--step", default=None, help="with a run folder: N, best (default, else latest) or latest")
     parser.add_argument("--force", action="store_true", help="replace --out when it holds a previous export "

@@ -1,7 +1,7 @@
 """Service mode: an HTTP JSON service over a trained model that follows its run as it trains.
 
     python -m trm.serve runs/tiny                         # a run: newest checkpoint, follows new ones
-    python -m trm.serve runs/tiny/checkpoints/step_1000   # one checkpoint
+    python -m trm.serve CHECKPOINT_DIR                    # one checkpoint: runs/tiny/checkpoints/step_N
     python -m trm.serve exports/tiny --port 8080          # an export folder (python -m trm.export)
     python -m trm.train configs/tiny.yaml mode=service    # the config's run_dir, settings from serve.*
     TRM_SERVE_TOKEN=secret python -m trm.serve runs/tiny --host 0.0.0.0
