@@ -523,9 +523,13 @@ def build_arc_dataset(
         if any(out is None for _, out in task.test):
             raise DatasetError(f"training task {task.task_id} has a test input without output; training tasks need solutions (or make its subset an evaluation subset)")
 
+    from tqdm import tqdm
+
     names = ["<blank>"]
     plans = []
-    for task, is_eval in [(t, False) for t in train_tasks] + [(t, True) for t in eval_tasks]:
+    # a progress bar on a terminal only (disable=None): choosing 1000 distinct versions of ~1000 tasks takes minutes
+    for task, is_eval in tqdm([(t, False) for t in train_tasks] + [(t, True) for t in eval_tasks], unit="task",
+                              desc="ARC task versions", disable=None, leave=False, dynamic_ncols=True):
         versions = choose_versions(task, aug, seed)
         plan = _Plan(task, versions, first_identifier=len(names))
         names.extend(version_name(task.task_id, t, c) for t, c in versions)

@@ -234,16 +234,23 @@ def generate_mazes(
     seen = set(exclude or ())
     inputs = np.zeros((count, SEQ_LEN), np.uint8)
     labels = np.zeros((count, SEQ_LEN), np.uint8)
+    from tqdm import tqdm
+
     kept = index = 0
-    while kept < count:
-        maze, solution = generate_maze(seed, index, min_path_length, max_path_length, stream=stream, loops=loops, unique=unique)
-        index += 1
-        key = maze.tobytes()
-        if key in seen:
-            continue
-        seen.add(key)
-        inputs[kept], labels[kept] = maze, solution
-        kept += 1
+    # a progress bar on a terminal only (disable=None): hard mazes take a while to draw
+    with tqdm(total=count, unit="maze", desc=f"{'train' if stream == TRAIN_STREAM else 'test'} mazes", disable=None,
+              leave=False, dynamic_ncols=True) as bar:
+        while kept < count:
+            maze, solution = generate_maze(seed, index, min_path_length, max_path_length, stream=stream, loops=loops,
+                                           unique=unique)
+            index += 1
+            key = maze.tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            inputs[kept], labels[kept] = maze, solution
+            kept += 1
+            bar.update(1)
     return inputs, labels
 
 
