@@ -50,7 +50,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 BASELINES = HERE / "baselines"
 RESULTS = HERE / "results"
-DEFAULT_FACTOR = {"cpu": 1.6, "gpu": 1.25}     # noise margins: shared 2-core CPU vs a dedicated GPU
+DEFAULT_FACTOR = {"cpu": 1.4, "gpu": 1.25}     # noise margins: shared 2-core CPU vs a dedicated GPU; a 2x
+# regression must still land below the band with room for the noise of baseline and measurement
 
 
 # ---------------------------------------------------------------------------------------------
