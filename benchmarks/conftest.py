@@ -11,6 +11,7 @@ import torch
 
 def pytest_configure(config):
     bench_util.pin_threads()     # before any benchmark: both sides run with the same threads
+    bench_util.keep_freed_memory()
 
 
 def pytest_collection_modifyitems(config, items):
