@@ -116,7 +116,8 @@ def test_accumulated_votes_keep_earlier_evaluations(arc_dir, tmp_path, monkeypat
     trainer = _in_process_trainer(tmp_path, arc_dir, ["train.arc_pass_ks=[3,2]"])  # accumulating is the default
     monkeypatch.setattr(trainer.model, "forward", _fake_forward(lambda t: t, rng))
     first = trainer.evaluate(submission_path=tmp_path / "one.json")
-    assert {k for k in first if "pass@" in k} == {"eval/arc/pass@2", "eval/arc/pass@3", "eval/arc/input_pass@2", "eval/arc/input_pass@3"}
+    rates = {"eval/arc/pass@2", "eval/arc/pass@3", "eval/arc/input_pass@2", "eval/arc/input_pass@3"}
+    assert {k for k in first if "pass@" in k} == rates | {f"{k}/ci95_{end}" for k in rates for end in ("low", "high")}
     monkeypatch.setattr(trainer.model, "forward", _fake_forward(_shift_colours, rng))
     second = trainer.evaluate(submission_path=tmp_path / "two.json")
     assert second["eval/arc/votes"] == 2 * first["eval/arc/votes"]

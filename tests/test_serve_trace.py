@@ -106,7 +106,7 @@ def test_page_is_self_contained_and_the_schema_documents_the_body(live):
     assert body["required"] is True
     assert body["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SolveRequest"}
     request = schema["components"]["schemas"]["SolveRequest"]
-    assert set(request["properties"]) == {"task", "grid", "grids", "puzzle_id", "trace"}
+    assert set(request["properties"]) == {"task", "grid", "grids", "puzzle_id", "task_id", "trace"}
     assert request["required"] == ["task"] and request["additionalProperties"] is False
     assert all(prop.get("description") for prop in request["properties"].values())
     replies = schema["paths"]["/v1/solve"]["post"]["responses"]

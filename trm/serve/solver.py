@@ -86,6 +86,8 @@ class ServedModel:
         self.step = int(self.info["step"])
         self.max_steps = self.cfg.train.eval_halt_max_steps or self.cfg.model.halt_max_steps
         self._held_out = None
+        self.task_rows = known_task_rows(self.cfg.data.path, self.num_puzzle_identifiers)
+        """Task id -> puzzle-embedding row of each original (un-augmented) task the model learned."""
 
     def held_out_example(self, index: int) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Example ``index`` of the run's evaluation split (``data.path`` / ``data.eval_split``, read
@@ -103,8 +105,6 @@ class ServedModel:
         labels[labels == split.metadata.ignore_label_id] = 0
         puzzle_id = int(split.example_puzzle_identifier(np.array([index]))[0])
         return np.array(split.inputs[index], dtype=np.int64), labels, puzzle_id, split.num_examples
-        self.task_rows = known_task_rows(self.cfg.data.path, self.num_puzzle_identifiers)
-        """Task id -> puzzle-embedding row of each original (un-augmented) task the model learned."""
 
     def describe(self) -> dict[str, Any]:
         m = self.cfg.model

@@ -111,7 +111,8 @@ def describe_run(trainer: Any) -> str:
     chosen = ops.describe()
     kernels = ", ".join(f"{op}={by_device.get(device.type, '?')}" for op, by_device in chosen.items())
     ds = trainer.dataset
-    data = (f"data {ds.path} ({ds.train.num_examples} training / {ds.num_eval_examples} held-out examples, "
+    base = getattr(ds, "base", ds)  # a wrapper (the retrieval-augmented dataset) describes its base's data
+    data = (f"data {cfg.data.path} ({base.train.num_examples} training / {ds.num_eval_examples} held-out examples, "
             f"seq_len {ds.model_dims['seq_len']})")
     peak = trainer.throughput.peak_tflops
     mfu = (f"MFU against {peak:g} TFLOP/s per device" if peak else
