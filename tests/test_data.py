@@ -548,6 +548,37 @@ def test_import_sudoku_csv(tmp_path: Path, puzzles: tuple[np.ndarray, np.ndarray
         import_sudoku_csv(tmp_path / "bad", train_csv=tmp_path / "header.csv", test_csv=tmp_path / "test.csv")
 
 
+def test_sudoku_csv_rows_are_checked_and_bad_ones_can_be_skipped(tmp_path: Path, puzzles, capsys) -> None:
+    """A row with more fields than the header is an error (it was accepted), a trailing blank line
+    is not (it failed), --subsample beyond the CSV is an error (it silently kept all), and
+    --skip-bad-rows leaves bad rows out and reports them (there was no way to)."""
+    from trm.data.__main__ import main as data_main
+
+    puzzle, solution = puzzles
+    write_csv(tmp_path / "train.csv", puzzle[:4], solution[:4], ratings=[0, 0, 0, 0])
+    write_csv(tmp_path / "test.csv", puzzle[8:], solution[8:], ratings=[0, 0])
+    good = (tmp_path / "train.csv").read_text()
+    (tmp_path / "blank_end.csv").write_text(good + "\n\n")
+    import_sudoku_csv(tmp_path / "blank_end", train_csv=tmp_path / "blank_end.csv", test_csv=tmp_path / "test.csv")
+    assert load_split(tmp_path / "blank_end", "train").num_examples == 4
+
+    lines = good.splitlines()
+    lines[2] += ",extra"  # the second puzzle's row (line 3) gets a fifth field
+    (tmp_path / "five.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"five.csv:3: expected 4 fields like the header, got 5"):
+        import_sudoku_csv(tmp_path / "five", train_csv=tmp_path / "five.csv", test_csv=tmp_path / "test.csv")
+    assert not (tmp_path / "five").exists()
+    with pytest.raises(DatasetError, match=r"--subsample 1000 asks for more puzzles than .*train.csv has \(4 usable rows\)"):
+        import_sudoku_csv(tmp_path / "many", train_csv=tmp_path / "train.csv", test_csv=tmp_path / "test.csv", subsample=1000)
+
+    code = data_main(["import-sudoku-csv", "--train-csv", str(tmp_path / "five.csv"), "--test-csv", str(tmp_path / "test.csv"),
+                      "--out", str(tmp_path / "skipped"), "--skip-bad-rows"])
+    out = capsys.readouterr().out
+    assert code == 0 and "left out 1 bad row(s) (--skip-bad-rows): five.csv:3: expected 4 fields" in out
+    kept = digits(np.asarray(load_split(tmp_path / "skipped", "train").inputs))
+    assert len(kept) == 3 and not (kept == puzzle[1]).all(axis=1).any()
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

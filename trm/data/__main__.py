@@ -125,6 +125,9 @@ def _add_sudoku_csv_importer(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--aug", type=int, default=0, help="stored augmentations per training puzzle (default 0)")
     parser.add_argument("--min-rating", type=float, help="drop puzzles rated below this")
     parser.add_argument("--seed", type=int, default=0, help="seed of the subsample and the augmentations (default 0)")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="leave out malformed rows (wrong field count, not 81 digits, an invalid or contradicting "
+                             "answer) and report them, instead of stopping at the first")
 
     def run(args: argparse.Namespace) -> None:
         for name in ("subsample", "test_subsample", "aug", "seed"):
@@ -134,7 +137,7 @@ def _add_sudoku_csv_importer(commands: argparse._SubParsersAction) -> None:
                 raise UsageError(f"CSV file {csv_path} does not exist")
         _check_out(args.out, args.overwrite)
         started = time.perf_counter()
-        import_sudoku_csv(
+        left_out = import_sudoku_csv(
             args.out,
             train_csv=args.train_csv,
             test_csv=args.test_csv,
@@ -143,7 +146,11 @@ def _add_sudoku_csv_importer(commands: argparse._SubParsersAction) -> None:
             min_rating=args.min_rating,
             seed=args.seed,
             test_subsample=args.test_subsample,
+            skip_bad_rows=args.skip_bad_rows,
         )
+        if left_out:
+            shown = "; ".join(f"{Path(csv).name}:{line}: {what}" for csv, line, what in left_out[:5])
+            print(f"left out {len(left_out)} bad row(s) (--skip-bad-rows): {shown}{' ...' if len(left_out) > 5 else ''}")
         _report_written(args.out, started)
 
     parser.set_defaults(run=run)

@@ -521,17 +521,26 @@ def build_sudoku(
     write_sudoku_dataset(out_dir, train, test, aug, seed)
 
 
-def read_sudoku_csv(path: str | Path, min_rating: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_sudoku_csv(path: str | Path, min_rating: float | None = None,
+                    skipped: list[tuple[int, str]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(puzzles, solutions) uint8 digits [N, 81] from a Sudoku-Extreme CSV, keeping rows with rating >= min_rating.
 
     Columns (by header name): ``question`` (81 chars, ``.`` or ``0`` = blank), ``answer`` (81 digits
-    1-9), ``rating`` (a number; needed only with ``min_rating``). Every answer must be a valid grid
-    that agrees with its question's clues.
+    1-9), ``rating`` (a number; needed only with ``min_rating``). Every row has as many fields as
+    the header, and every answer must be a valid grid that agrees with its question's clues. Blank
+    lines are ignored. A bad row is a DatasetError naming its line, unless ``skipped`` is a list:
+    then the row is left out and ``(line, reason)`` appended to it.
     """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"CSV file {path} does not exist")
     questions, answers, lines = [], [], []
+
+    def bad_row(line: int, what: str) -> None:
+        if skipped is None:
+            raise DatasetError(f"{path}:{line}: {what} (--skip-bad-rows leaves such rows out and counts them)")
+        skipped.append((line, what))
+
     try:
         with open(path, newline="") as handle:
             reader = csv.reader(handle)
@@ -545,18 +554,26 @@ def read_sudoku_csv(path: str | Path, min_rating: float | None = None) -> tuple[
                 raise DatasetError(f"{path}: header {header} lacks column(s) {', '.join(missing)} (expected 'source,question,answer,rating')")
             q_col, a_col = columns["question"], columns["answer"]
             for line, row in enumerate(reader, start=2):
-                if len(row) <= max(q_col, a_col):
-                    raise DatasetError(f"{path}:{line}: expected {len(header)} fields, got {len(row)}")
+                if not row or not "".join(row).strip():
+                    continue  # a blank line (e.g. a trailing one)
+                if len(row) != len(header):
+                    bad_row(line, f"expected {len(header)} fields like the header, got {len(row)}")
+                    continue
                 if min_rating is not None:
                     try:
                         rating = float(row[columns["rating"]])
                     except (ValueError, IndexError):
-                        raise DatasetError(f"{path}:{line}: rating is not a number") from None
+                        bad_row(line, "rating is not a number")
+                        continue
                     if rating < min_rating:
                         continue
                 question, answer = row[q_col].strip(), row[a_col].strip()
                 if len(question) != 81 or len(answer) != 81:
-                    raise DatasetError(f"{path}:{line}: question and answer must have 81 characters, got {len(question)} and {len(answer)}")
+                    bad_row(line, f"question and answer must have 81 characters, got {len(question)} and {len(answer)}")
+                    continue
+                if not question.isascii() or not answer.isascii():
+                    bad_row(line, "questions and answers must be ASCII digits")
+                    continue
                 questions.append(question.replace(".", "0"))
                 answers.append(answer)
                 lines.append(line)
@@ -564,20 +581,19 @@ def read_sudoku_csv(path: str | Path, min_rating: float | None = None) -> tuple[
         raise DatasetError(f"{path}: not a text CSV file ({err})") from None
     if not questions:
         return np.zeros((0, 81), np.uint8), np.zeros((0, 81), np.uint8)
-    try:
-        puzzles = np.frombuffer("".join(questions).encode("ascii"), dtype=np.uint8).reshape(-1, 81) - ord("0")
-        solutions = np.frombuffer("".join(answers).encode("ascii"), dtype=np.uint8).reshape(-1, 81) - ord("0")
-    except UnicodeEncodeError:
-        raise DatasetError(f"{path}: questions and answers must be ASCII digits") from None
+    puzzles = np.frombuffer("".join(questions).encode("ascii"), dtype=np.uint8).reshape(-1, 81) - ord("0")
+    solutions = np.frombuffer("".join(answers).encode("ascii"), dtype=np.uint8).reshape(-1, 81) - ord("0")
     problems = [
         ((puzzles > 9).any(axis=1), "question holds a character other than 0-9 or '.'"),
         (~valid_solutions(solutions), "answer is not a valid solved Sudoku"),
         (((puzzles != 0) & (puzzles != solutions)).any(axis=1), "answer contradicts a clue of the question"),
     ]
+    keep = np.ones(len(puzzles), bool)
     for bad, what in problems:
-        if bad.any():
-            raise DatasetError(f"{path}:{lines[int(np.argmax(bad))]}: {what}")
-    return puzzles, solutions
+        for row in np.flatnonzero(bad & keep):
+            bad_row(lines[int(row)], what)  # raises unless skipping
+        keep &= ~bad
+    return puzzles[keep], solutions[keep]
 
 
 def import_sudoku_csv(
@@ -589,25 +605,34 @@ def import_sudoku_csv(
     min_rating: float | None = None,
     seed: int = 0,
     test_subsample: int | None = None,
-) -> None:
-    """Convert Sudoku-Extreme style CSVs to the reference layout.
+    skip_bad_rows: bool = False,
+) -> list[tuple[str, int, str]]:
+    """Convert Sudoku-Extreme style CSVs to the reference layout; returns the rows left out
+    (``(csv, line, reason)``, only with ``skip_bad_rows``; without it a bad row is a DatasetError).
 
     ``subsample`` (``test_subsample``) keeps that many rows of the train (test) CSV, chosen without
-    replacement by ``seed`` and kept in file order; the train split gets ``aug`` augmentations per
-    puzzle; ``min_rating`` drops rows rated below it before subsampling.
+    replacement by ``seed`` and kept in file order (more than the CSV has is a DatasetError); the
+    train split gets ``aug`` augmentations per puzzle; ``min_rating`` drops rows rated below it
+    before subsampling.
     """
     for name, value in (("subsample", subsample), ("test_subsample", test_subsample), ("aug", aug), ("seed", seed)):
         if value is not None and value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, SUBSAMPLE_STREAM]))
-    splits = []
-    for csv_path, size in ((train_csv, subsample), (test_csv, test_subsample)):
-        puzzles, solutions = read_sudoku_csv(csv_path, min_rating)
+    splits, left_out = [], []
+    for csv_path, size, flag in ((train_csv, subsample, "--subsample"), (test_csv, test_subsample, "--test-subsample")):
+        skipped: list[tuple[int, str]] | None = [] if skip_bad_rows else None
+        puzzles, solutions = read_sudoku_csv(csv_path, min_rating, skipped)
+        left_out += [(str(csv_path), line, what) for line, what in skipped or ()]
+        if size is not None and size > len(puzzles):
+            raise DatasetError(f"{flag} {size} asks for more puzzles than {csv_path} has ({len(puzzles)} usable rows"
+                               f"{' at --min-rating' if min_rating is not None else ''}); lower it or leave it out to keep all")
         if size is not None and size < len(puzzles):
             keep = np.sort(rng.choice(len(puzzles), size=size, replace=False))
             puzzles, solutions = puzzles[keep], solutions[keep]
         splits.append((puzzles, solutions))
     write_sudoku_dataset(out_dir, splits[0], splits[1], aug, seed)
+    return left_out
 
 
 # ----------------------------------------------------------------------------------------------
