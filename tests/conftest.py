@@ -171,11 +171,12 @@ def subprocess_env(threads: str = "2") -> dict[str, str]:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_rank_variables():
-    """In-process trainers and evaluations set RANK/MASTER_PORT/...; put them back so that later
-    subprocesses (in any test file) do not inherit a port this process already holds. Files that
-    run them in process use it for every test: ``pytestmark = pytest.mark.usefixtures(...)``."""
+    """In-process trainers and evaluations set RANK/MASTER_PORT/...; put them back after every test
+    so that later subprocesses (in any test file) do not inherit a port this process already holds.
+    (Module- or session-scoped fixtures that train in process set them before any test starts: a
+    test that starts subprocesses builds their environment without RANK_VARS, as subprocess_env.)"""
     saved = {name: os.environ.get(name) for name in RANK_VARS}
     yield
     for name, value in saved.items():

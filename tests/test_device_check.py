@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import RANK_VARS, REPO
 
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def _run(root: Path, *stages, **env):
-    full = {**os.environ, "OUT": str(root / "out"), "TRM_DC_PYTHON": sys.executable,
+    inherited = {k: v for k, v in os.environ.items() if k not in RANK_VARS}  # a port an in-process trainer holds
+    full = {**inherited, "OUT": str(root / "out"), "TRM_DC_PYTHON": sys.executable,
             "TRM_DC_WHEELS": str(root / "no-wheels"), "TRM_DC_BASELINES": str(root / "baselines"),
             "TRM_DC_WORK": str(root / "work"), **env}
     return subprocess.run(["bash", str(SCRIPT), *stages], env=full, capture_output=True, text=True, timeout=600)
