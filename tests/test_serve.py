@@ -186,8 +186,8 @@ def test_concurrent_requests_are_batched_and_answered_like_solo_requests(served)
     submitted, sizes = threading.Semaphore(0), []
     real_submit, real_run = batcher.submit, batcher._run
 
-    def counting_submit(tokens, puzzle_ids):
-        future = real_submit(tokens, puzzle_ids)
+    def counting_submit(tokens, puzzle_ids, **options):  # options: e.g. trace
+        future = real_submit(tokens, puzzle_ids, **options)
         submitted.release()
         return future
 
