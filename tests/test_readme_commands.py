@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, environ_without_ranks
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
@@ -321,7 +321,7 @@ def run_command(command: str, workspace: Path, monkeypatch) -> str:
             # A dry run on this one machine: the README's hosts (node0, ...) do not resolve here, so the
             # launcher's interface check (toward MASTER_ADDR) is given the loopback interface.
             proc = subprocess.run(["bash", *argv], cwd=workspace, capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", **env, "DRY_RUN": "1", "PYTHON": sys.executable})
+                                  env={**environ_without_ranks(), "GLOO_SOCKET_IFNAME": "lo", **env, "DRY_RUN": "1", "PYTHON": sys.executable})
             assert proc.returncode == 0, f"{part}: exit {proc.returncode}\n{proc.stderr}"
             printed = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
             assert printed, f"{part} printed no command:\n{proc.stdout}"
