@@ -21,8 +21,10 @@ def _worker(rank: int, port: int, out: dict, rank0_gave_up):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from trm.train.distributed import barrier, init_world
 
-    init_world("cpu", timeout_minutes=1)
-    barrier(30, "warm-up")
+    # generous deadlines everywhere except the barrier under test: on a loaded machine the two
+    # ranks may reach the warm-up seconds (tens of seconds) apart
+    init_world("cpu", timeout_minutes=SLOW_RANK_DEADLINE_S / 60)
+    barrier(SLOW_RANK_DEADLINE_S, "warm-up")
     if rank == 1:
         # The slow rank: it does not reach the barrier until rank 0 has given up on it, so rank 0
         # can only get past its barrier by timing out (no fixed sleep decides the outcome).
