@@ -3,8 +3,10 @@
 Each op has a plain-PyTorch reference (``trm.ops.reference``; float32 math, the ground truth of
 the tests). Fused backends plug in behind the same names (see DESIGN.md, "Ops") and are chosen
 by ``set_backend(auto | cuda | triton | cpu | torch)``, globally or per op
-(``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``. The default is ``torch``
-(the reference); the trainer sets the config key ``kernels``.
+(``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``. Imported as a library
+``trm.ops`` starts at ``torch`` (the reference); the trainer sets the config key ``kernels``
+(default ``auto``: a kernel runs only where it is verified and a committed benchmark baseline of
+the device class shows it faster, ``trm.ops.baselines``). ``describe()`` says what runs and why.
 
 Where an op lives (one home per op; paths under ``trm/ops/`` and ``csrc/``; every reference is in
 ``trm/ops/reference.py``):
@@ -41,6 +43,7 @@ from trm.ops.dispatch import (
     set_backend,
     softmax_cross_entropy,
     stablemax_cross_entropy,
+    summary,
     swiglu,
     use_backend,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "set_backend",
     "softmax_cross_entropy",
     "stablemax_cross_entropy",
+    "summary",
     "swiglu",
     "use_backend",
 ]
