@@ -143,6 +143,7 @@ def test_without_a_baseline_directory_auto_runs_the_reference_and_says_why(monke
         assert "no baseline directory" in said and "not run from its repository checkout" in said
         assert f"set {baselines.ENV_DIR}=" in said and dispatch.summary("cpu").startswith("the reference (no baseline directory")
         monkeypatch.setenv(baselines.ENV_DIR, str(REPO / "no-such-dir"))
+        baselines.forget()
         assert "TRM_KERNEL_BASELINES=" in ops.describe()["rms_norm"]["cpu"] and "is not a directory" in ops.describe()["rms_norm"]["cpu"]
     finally:
         baselines.forget()

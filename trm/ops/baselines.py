@@ -143,10 +143,13 @@ def _entries(path: Path) -> dict:
 
 
 def evidence(backend: str, op: str, device: torch.device | str) -> Evidence:
-    """Whether this device's baseline shows ``backend``'s ``op`` faster than the reference (cached per
-    baselines directory, device key, backend and op; :func:`forget` drops the cache)."""
+    """Whether this device's baseline shows ``backend``'s ``op`` faster than the reference. Read once
+    per process and cached per device (CPU: and thread count), backend and op (``auto`` asks on every
+    call); :func:`forget` drops the cache, so the next call reads the files (and ``$TRM_KERNEL_BASELINES``)
+    again."""
     device = torch.device(device)
-    cache_key = (os.environ.get(ENV_DIR), device_key(device), backend, op)
+    where = torch.get_num_threads() if device.type == "cpu" else device.index
+    cache_key = (device.type, where, backend, op)
     found = _evidence.get(cache_key)
     if found is None:
         found = _evidence[cache_key] = _weigh(backend, op, device)
@@ -177,6 +180,6 @@ def _weigh(backend: str, op: str, device: torch.device) -> Evidence:
 
 
 def forget() -> None:
-    """Drop the cached files and verdicts (a later use reads the baselines again)."""
+    """Drop the cached files and verdicts (the next use reads the baselines again)."""
     _evidence.clear()
     _files.clear()

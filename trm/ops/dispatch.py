@@ -253,10 +253,11 @@ def _auto_choice(op: str, device: torch.device, explain: bool = False) -> tuple[
                                             f"'auto' uses the next candidate or the PyTorch reference")
             skipped.setdefault(f"unavailable ({reason})", []).append(candidate)
             continue
-        if op not in _provider(candidate)[0] or not _device_ok(candidate, device):
+        kernel = _provider(candidate)[0].get(op)
+        if kernel is None or not _device_ok(candidate, device):
             skipped.setdefault(f"takes no {device.type} tensors for {op}", []).append(candidate)
             continue
-        refused = verify.refusal(candidate, op, _provider(candidate)[0][op], device.type)
+        refused = verify.refusal(candidate, op, kernel, device.type)
         if refused is None:
             return candidate, f"verified on {device.type}, {evidence.why}" if explain else ""
         _warn_once(f"auto:verify:{candidate}:{op}:{device.type}",
