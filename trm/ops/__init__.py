@@ -24,7 +24,7 @@ Triton; ``torch.library`` fake + autograd registrations for the native ``torch.o
 its front door for that backend; ``native/loader.py`` and ``triton/loader.py`` build/load the
 kernels and hold what the ops share. Tests: ``tests/test_ops_cpu.py`` (native, CPU),
 ``tests/test_ops_cuda_build.py`` (native, CUDA), ``tests/test_ops_triton.py`` (Triton),
-``tests/test_ops_dispatch.py`` (choosing); ``-k <op>`` selects one op (``-k stablemax``, ``-k adam``). Benchmarks:
+``tests/test_ops_dispatch.py`` (choosing), ``tests/test_ops_auto.py`` (what auto picks); ``-k <op>`` selects one op (``-k stablemax``, ``-k adam``). Benchmarks:
 ``benchmarks/test_bench_ops.py``.
 
 Shape legend: B batch, L positions (prefix included), D hidden, H heads, K head_dim,
