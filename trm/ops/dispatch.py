@@ -169,7 +169,7 @@ def _preload_auto() -> None:
         for dev in _devices():
             if order.get(dev):
                 with _routed("auto", op):
-                    resolve(op, dev)  # availability, then verification, of the candidates in order
+                    resolve(op, dev)  # baseline, availability, then verification, of the candidates in order
 
 
 @contextlib.contextmanager
@@ -278,8 +278,8 @@ def _devices() -> list[str]:
 
 def describe() -> dict[str, dict[str, str]]:
     """Per op and device type (CPU, and CUDA when visible): what runs now and why, e.g.
-    ``"cpu kernel: verified on cpu, baseline cpu-...-1t 1.20x-2.28x over 4 entries"`` or
-    ``"reference: cuda, triton: no baseline for nvidia-h200 in ...; record one: ..."``."""
+    ``"cpu kernel: verified on cpu, baseline cpu-...-1t: 1.20x-2.28x the reference in its 4 entries"``
+    or ``"reference: cuda/triton kernel not used, no baseline for nvidia-h200 in ...; record one: ..."``."""
     out: dict[str, dict[str, str]] = {}
     for op in OPS:
         out[op] = {}
