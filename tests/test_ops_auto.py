@@ -208,3 +208,15 @@ def test_kernels_auto_is_the_config_default_and_a_failing_backend_is_named(kerne
         x = torch.randn(3, 8)
         assert torch.equal(ops.rms_norm(x, EPS), reference.rms_norm(x, EPS))
     assert ops.describe()["rms_norm"]["cpu"].startswith("reference: cpu kernel not used, unavailable (")
+
+
+def test_verify_candidates_checks_every_kernel_without_changing_what_runs(kernel_baselines):
+    """device_check.sh's build stage: every candidate is verified on a card without a baseline yet,
+    while auto keeps the reference there until the baseline is recorded."""
+    ops.set_backend("auto")                      # an empty baseline directory: nothing is backed
+    assert verify.report() == {}
+    report = dispatch.verify_candidates()
+    assert {k for k in report if k[2] == "cpu"} == {("cpu", op, "cpu") for op, order in dispatch.AUTO_ORDER.items()
+                                                    if "cpu" in order.get("cpu", ())}
+    assert all(r["refused"] is None for r in report.values()), report
+    assert dispatch.resolve("rms_norm", "cpu") == "torch"
