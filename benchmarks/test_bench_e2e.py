@@ -4,7 +4,11 @@ backward, AdamATan2 update) of a recipe, ours vs a plain-PyTorch eager model, sa
 - ``ours``: ``kernels=auto`` (the fused kernels of this device), eager; and the same under
   ``torch.compile`` (``train.compile``), which pays on CPU too. The compiled variant also times the
   plain-PyTorch model under torch.compile (``speedup_vs_ref_compiled``: what our kernels add to compile).
-- ``reference``: ``kernels=torch`` eager: the same model written in plain PyTorch ops.
+- ``reference``: ``kernels=torch`` eager: the same model written in plain PyTorch ops (its outputs are
+  the reference model's, tests/test_model.py). With ``TRM_REFERENCE_PATH`` naming a checkout of
+  TinyRecursiveModels (CPU), the published model itself, loaded with the same weights
+  (bench_reference.py; recorded as ``.../vs-reference-model``, not gated). Both rows (eager,
+  compiled) are timed against the same eager reference side in the same session.
 
 CPU: the tiny recipe (configs/tiny.yaml) at its own size. GPU: sudoku_mlp and arc1 at full size,
 bf16, at the published runs' per-GPU batch (sudoku 768 x 97 positions; ARC 192 x 916). Reports examples/s and peak memory (CPU: persistent state
@@ -16,49 +20,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bench_reference as br
 import bench_util as bu
 import pytest
 import torch
 
-from trm import ops
 from trm.config import load_config, to_dict
-from trm.model import act_loss, build_model
-from trm.train.optim import AdamATan2
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"sudoku": dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1001),
         "arc": dict(seq_len=900, vocab_size=12, num_puzzle_identifiers=1001)}
 
 
-def make_step(recipe: str, dims: dict, batch_size: int, backend: str, compile_: bool):
+def recipe_config(recipe: str, dims: dict, batch_size: int) -> dict:
+    """The recipe's model keys with the data dims and batch (fp32 on CPU)."""
     cfg = load_config(REPO / "configs" / f"{recipe}.yaml")
     model_cfg = {**to_dict(cfg.model), **dims, "batch_size": batch_size}
     if not bu.on_gpu():
         model_cfg["forward_dtype"] = "float32"
-    torch.manual_seed(0)
-    model = build_model(model_cfg).to(bu.device()).train()
-    opt = AdamATan2([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "inputs": torch.randint(1, dims["vocab_size"], (batch_size, dims["seq_len"]), generator=g, dtype=torch.int32),
-        "labels": torch.randint(1, dims["vocab_size"], (batch_size, dims["seq_len"]), generator=g, dtype=torch.int32),
-        "puzzle_identifiers": torch.randint(0, dims["num_puzzle_identifiers"], (batch_size,), generator=g, dtype=torch.int32),
-    }
-    batch = {k: v.to(bu.device()) for k, v in batch.items()}
-    forward = torch.compile(model) if compile_ else model
-    state = {"carry": model.initial_carry(batch)}
+    return model_cfg
 
-    def step():
-        with ops.use_backend(backend):
-            carry, out = forward(state["carry"], batch)
-            total, _ = act_loss(out, batch["labels"], carry.halted, carry.steps)
-            total.backward()
-            with ops.use_backend(backend):
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        state["carry"] = carry
-    step.persistent = (model, opt, state)
-    return step
+
+def make_step(recipe: str, dims: dict, batch_size: int, backend: str, compile_: bool):
+    model_cfg = recipe_config(recipe, dims, batch_size)
+    return br.our_step(model_cfg, br.make_batch(batch_size, dims), backend, compile_)
+
+
+def reference_side(recipe: str, dims: dict, batch_size: int):
+    """``(step, label)`` of the reference side: the published model when TRM_REFERENCE_PATH names a
+    checkout (CPU), else our plain-PyTorch model (kernels=torch)."""
+    path = br.reference_path() if not bu.on_gpu() else None
+    if path is None:
+        return make_step(recipe, dims, batch_size, "torch", False), "kernels=torch"
+    model_cfg = recipe_config(recipe, dims, batch_size)
+    return br.reference_step(path, model_cfg, br.make_batch(batch_size, dims)), "reference model"
 
 
 def _tensor_bytes(tree) -> int:
@@ -113,7 +108,7 @@ GPU_RECIPES = [pytest.param(r, d, b, c, id=f"{r}-{'compile' if c else 'eager'}",
 @pytest.mark.parametrize("recipe,data,batch_size,compile_", CPU_RECIPES if not bu.on_gpu() else GPU_RECIPES)
 def test_training_step(recipe, data, batch_size, compile_):
     dims = DIMS[data]
-    ref = make_step(recipe, dims, batch_size, "torch", False)
+    ref, ref_label = reference_side(recipe, dims, batch_size)
     ours = make_step(recipe, dims, batch_size, "auto", compile_)
     for _ in range(3 if compile_ else 1):          # compile + warm-up outside the timing
         ours()
@@ -129,9 +124,12 @@ def test_training_step(recipe, data, batch_size, compile_):
         mc = bu.measure(ref_compiled, ours, rounds=9, min_round_s=0.1)
         extra.update(examples_per_s_ref_compiled=batch_size / mc.ref_s, speedup_vs_ref_compiled=mc.speedup,
                      peak_mb_ref_compiled=_peak_mb(ref_compiled))
+    # against the reference model the ratio has no baseline of its own: recorded, not gated
+    suffix = "" if ref_label == "kernels=torch" else "/vs-reference-model"
     result = bu.record(bu.Result.of(
-        m, name=f"train_step/{recipe}/{'compile' if compile_ else 'eager'}/b{batch_size}", op="train_step",
-        shape=f"{recipe} batch {batch_size}", backend="auto" + ("+compile" if compile_ else ""), extra=extra,
+        m, name=f"train_step/{recipe}/{'compile' if compile_ else 'eager'}/b{batch_size}{suffix}", op="train_step",
+        shape=f"{recipe} batch {batch_size}, vs {ref_label} eager", backend="auto" + ("+compile" if compile_ else ""),
+        extra=extra,
     ), remeasure=lambda: bu.measure(ref, ours, rounds=9, min_round_s=0.1))
     assert result.ours_s > 0 and result.ref_s > 0
     assert all(extra[k] > 0 for k in extra if k.startswith("peak_mb")), extra

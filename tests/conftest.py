@@ -198,10 +198,16 @@ def proves_kernels_ran(backend, op: str, file: str, *kernels: str):
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def environ_without_ranks() -> dict[str, str]:
+    """This process's environment without the rank variables (RANK, MASTER_PORT, ...) that an
+    in-process trainer may have set: the base of every subprocess's environment."""
+    return {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+
+
 def subprocess_env(threads: str = "2") -> dict[str, str]:
     """The environment of a single-process ``trm`` subprocess: this one without the rank variables
     an in-process trainer may have set, ``threads`` OpenMP threads, the repository importable."""
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARS}
+    env = environ_without_ranks()
     env.update(OMP_NUM_THREADS=threads, PYTHONPATH=str(REPO))
     return env
 

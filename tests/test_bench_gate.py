@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import environ_without_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -31,7 +31,7 @@ def run_bench(tmp_path: Path, baseline: dict | None, update: bool = False) -> su
     base = tmp_path / "baseline.json"
     if baseline is not None:
         base.write_text(json.dumps({"device": "test", "benchmarks": baseline}))
-    env = {**os.environ, "TRM_BENCH_BASELINE": str(base), "TRM_BENCH_RESULTS": str(tmp_path / "results.csv")}
+    env = {**environ_without_ranks(), "TRM_BENCH_BASELINE": str(base), "TRM_BENCH_RESULTS": str(tmp_path / "results.csv")}
     env.pop("TRM_BENCH_UPDATE", None)
     if update:
         env["TRM_BENCH_UPDATE"] = "1"

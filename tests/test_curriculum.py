@@ -44,7 +44,7 @@ def _blanks(inputs) -> np.ndarray:
     return (np.asarray(inputs) == BLANK_TOKEN).sum(-1)
 
 
-def test_difficulty_measures(tmp_path, sudoku_dir):
+def test_difficulty_measures(tmp_path, sudoku_dir, rng):
     split = load_split(sudoku_dir, "train")
     np.testing.assert_array_equal(example_difficulty(split, "changed_cells"), _blanks(split.inputs))
     assert (example_difficulty(split, "answer_cells") == 81).all()
@@ -53,7 +53,7 @@ def test_difficulty_measures(tmp_path, sudoku_dir):
     shutil.copytree(sudoku_dir, data)
     with pytest.raises(DatasetError, match="all__difficulty.npy does not exist"):
         example_difficulty(split, "stored", data, "train")
-    stored = np.random.default_rng().random(split.num_examples)
+    stored = rng.random(split.num_examples)
     np.save(data / "train" / "all__difficulty.npy", stored)
     np.testing.assert_array_equal(example_difficulty(split, "stored", data, "train"), stored)
     np.save(data / "train" / "all__difficulty.npy", stored[:-1])
@@ -61,12 +61,12 @@ def test_difficulty_measures(tmp_path, sudoku_dir):
         example_difficulty(split, "stored", data, "train")
 
 
-def test_stages_restrict_sampled_examples_and_then_release_them(sudoku_dir):
+def test_stages_restrict_sampled_examples_and_then_release_them(sudoku_dir, rng):
     schedule = CurriculumSchedule([Stage(3, max_difficulty=36), Stage(6, min_difficulty=40, max_difficulty=45)])
     ds = PuzzleDataset(sudoku_dir, seed=5, augment="sudoku", curriculum=schedule)
     plain = PuzzleDataset(sudoku_dir, seed=5, augment="sudoku")
     difficulty = ds.train_difficulty()
-    positions = np.random.default_rng().integers(0, 20_000, 400)
+    positions = rng.integers(0, 20_000, 400)
 
     early = _blanks(ds.train_examples(positions, step=3)["inputs"])
     middle = _blanks(ds.train_examples(positions, step=4)["inputs"])
@@ -81,7 +81,7 @@ def test_stages_restrict_sampled_examples_and_then_release_them(sudoku_dir):
     kept_groups = np.unique(groups[difficulty <= 36])
     one_epoch = ds.train_indices(np.arange(len(kept_groups)), step=1)
     assert sorted(groups[one_epoch]) == sorted(kept_groups), "one epoch of a stage visits each of its groups once"
-    shuffled = np.random.default_rng().permutation(positions)
+    shuffled = rng.permutation(positions)
     np.testing.assert_array_equal(ds.train_indices(shuffled, step=2)[np.argsort(shuffled, kind="stable")],
                                   ds.train_indices(np.sort(positions), step=2))
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, write_config
+from conftest import REPO, environ_without_ranks, write_config
 from trm.train import checkpoint as ckpt
 from trm.train import find_latest_checkpoint
 
@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**environ_without_ranks(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env

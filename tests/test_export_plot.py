@@ -4,7 +4,6 @@ learning-curve PNGs and the FLOPs/MFU estimate. Shares the tiny run of test_serv
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, environ_without_ranks
 from test_serve import LiveServer, copy_run, eval_grids, random_sudoku, seeded_rng, tiny_run  # noqa: F401  (shared fixtures)
 from trm import export
 from trm.config import load_config
@@ -206,7 +205,7 @@ def test_plot_and_run_metrics_import_in_one_direction_only():
     import trm.train.metrics
 
     code = "import sys, trm.plot; bad = [m for m in sys.modules if m.startswith('trm.train')]; assert not bad, bad"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**environ_without_ranks(), "PYTHONPATH": str(REPO)})
     assert trm.train.metrics.plot_run is trm.plot.plot_run
 
 

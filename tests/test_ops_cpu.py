@@ -204,6 +204,13 @@ def test_rms_norm_forward_only_under_no_grad():
     check_forward_only("cpu")
 
 
+def test_self_checks_pass_when_first_called_under_no_grad():
+    """The first native call may come from the model's no-grad cycles; the load-time self-checks
+    run backward, so they must enable gradients themselves (else the kernels load as unavailable)."""
+    with torch.no_grad():
+        assert native_loader._self_check_all("cpu") is None
+
+
 def test_rms_norm_routes_unsupported_inputs_to_reference():
     fn = native.IMPLS_CPU["rms_norm"]
     x64 = torch.randn(4, 9, dtype=torch.float64)

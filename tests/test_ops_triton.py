@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import proves_kernels_ran
+from conftest import environ_without_ranks, proves_kernels_ran
 from trm.ops import counters, reference
 from trm.ops import triton as tb
 from trm.ops.triton import adam_atan2 as triton_adam_atan2
@@ -538,7 +538,7 @@ def test_bf16_runs_the_reference_in_the_interpreter():
 # ---------------------------------------------------------------------------------------------
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    full_env = {**environ_without_ranks(), "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True,
                           timeout=300)
 

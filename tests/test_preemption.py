@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, subprocess_env, write_config
+from conftest import REPO, environ_without_ranks, subprocess_env, write_config
 from trm.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
@@ -161,7 +161,7 @@ def test_slurm_script_requests_the_signal_and_has_torchrun_forward_it(tmp_path):
     (tools / "srun").chmod(0o755)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("run_dir: runs/x\n")
-    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1"}
+    env = {**environ_without_ranks(), "PATH": f"{tools}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1"}
     env.pop("PET_SIGNALS_TO_HANDLE", None)
     env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
     proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), str(cfg)], cwd=REPO, env=env,

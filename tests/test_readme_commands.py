@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, environ_without_ranks
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
@@ -267,21 +267,6 @@ def check_launcher_line(argv: list[str], workspace: Path) -> str:
     return f"{launcher} accepts it"
 
 
-PENDING = "awaits `trm.export RUN` (issue 18 item 2, branch cli)"
-
-
-def awaits_export_of_a_run(module: str, args: list[str], workspace: Path) -> bool:
-    """``trm.export RUN_DIR`` where trm.export takes only checkpoint folders yet, and commands that
-    read its export: to be run once that lands (the test then fails as xfail -> runs them)."""
-    from trm import export
-
-    if "python -m trm.export runs/tiny --out" in export.__doc__:  # documented there once it takes a run
-        return False
-    if module == "trm.export":
-        return (workspace / args[0] / "checkpoints").is_dir()
-    return any(a.startswith("exports/") and not (workspace / a).exists() for a in args)
-
-
 def classify(argv: list[str]) -> str | None:
     """The NOT_RUN reason of a command (None: run it)."""
     head = argv[0]
@@ -336,7 +321,7 @@ def run_command(command: str, workspace: Path, monkeypatch) -> str:
             # A dry run on this one machine: the README's hosts (node0, ...) do not resolve here, so the
             # launcher's interface check (toward MASTER_ADDR) is given the loopback interface.
             proc = subprocess.run(["bash", *argv], cwd=workspace, capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", **env, "DRY_RUN": "1", "PYTHON": sys.executable})
+                                  env={**environ_without_ranks(), "GLOO_SOCKET_IFNAME": "lo", **env, "DRY_RUN": "1", "PYTHON": sys.executable})
             assert proc.returncode == 0, f"{part}: exit {proc.returncode}\n{proc.stderr}"
             printed = [line[2:] for line in proc.stdout.splitlines() if line.startswith("+ ")]
             assert printed, f"{part} printed no command:\n{proc.stdout}"
@@ -347,9 +332,7 @@ def run_command(command: str, workspace: Path, monkeypatch) -> str:
             outcomes.append(check_launcher_line(launched, workspace))
         elif head.startswith("python") and argv[1:2] == ["-m"] and argv[2] in CLIS:
             module, args = argv[2], argv[3:]
-            if awaits_export_of_a_run(module, args, workspace):
-                outcomes.append(f"not run: {PENDING}")
-            elif module == "trm.serve":
+            if module == "trm.serve":
                 outcomes.append(serve_briefly(args, env, monkeypatch))
             else:
                 args = shrink(module, args)
@@ -389,14 +372,11 @@ def test_every_readme_and_help_command_works_as_written(workspace, monkeypatch):
     assert (quickstart / "eval").is_dir() and (workspace / "runs" / "try2" / "checkpoints").is_dir()
     for module, command in help_commands():
         check(f"[{module} --help] {command}", command)
-    pending = [c for c, outcome in report if PENDING in outcome]
     ran = [c for c, outcome in report if "not run" not in outcome]
     assert len(ran) >= 20, report
     skipped = [(c, o) for c, o in report if o.startswith("not run")]
     sys.__stdout__.write("".join(f"{o:>40}  {c}\n" for c, o in report if o.startswith("same as")))
-    assert len(skipped) - len(pending) <= 8, f"too much is left out: {skipped}"
-    if pending:
-        pytest.xfail(f"{len(ran)} commands work as written; {len(pending)} {PENDING}: {pending}")
+    assert len(skipped) <= 8, f"too much is left out: {skipped}"
 
 
 # --------------------------------------------------------------------------- recipes and README

@@ -24,7 +24,7 @@ import pytest
 import torch
 import uvicorn
 
-from conftest import REPO, run_train, write_config
+from conftest import REPO, environ_without_ranks, run_train, write_config
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.serve import ServeError, build_service, check_bind, is_loopback
 from trm.serve.solver import ServedModel
@@ -493,7 +493,7 @@ def test_loopback_check():
 
 
 def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    env = {**environ_without_ranks(), "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
     env.pop("TRM_SERVE_TOKEN", None)
     return env
 

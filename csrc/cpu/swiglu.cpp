@@ -12,7 +12,8 @@
 // float32 runs vectorised loops: sigmoid(g) = 1 / (1 + exp(-g)) with a branch-free exp (Cody-Waite
 // range reduction, Cephes' degree-6 polynomial, 2^n from the exponent bits; about 1 ulp), which
 // the compiler vectorises. The loops are built for AVX-512, AVX2 and baseline x86-64 and the
-// loader picks the best the CPU has (target_clones), so one binary runs everywhere; GCC 12
+// loader picks the best the CPU has (target_clones, GNU/Linux only; elsewhere the baseline build), so one
+// binary runs on every x86-64 CPU; GCC 12
 // vectorises the AVX-512 build (check: g++ -O3 -fopt-info-vec), the others run scalar.
 // float16/bfloat16 use the scalar loop (std::exp).
 //
@@ -34,7 +35,10 @@
 // ifunc resolver picks the clone at load time).
 namespace trm::swiglu_loops {
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+// target_clones needs an ifunc resolver: GNU/Linux's loader (glibc) has one; macOS, Windows and
+// musl do not, and there the loops build once for the baseline ISA.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__CUDACC__)
 #define TRM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TRM_VECTOR_CLONES

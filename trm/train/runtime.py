@@ -11,7 +11,10 @@ at the start, and where everything went at the end.
 - DeepSpeed's CPU communication op (``deepspeed_shm_comm``, JIT-built with ninja once per
   machine and cached by torch) is loaded in a step that says so when it has to be built (about
   two minutes on 2 cores, which used to pass in silence), and its "built successfully" line,
-  printed on every start whether anything was built or not, is not repeated.
+  printed on every start whether anything was built or not, is not repeated. It is built into a
+  folder of its own per Python environment (``<torch's cache>/venv-<hash of sys.prefix>``, unless
+  ``TORCH_EXTENSIONS_DIR`` is set): the build embeds the environment's paths, so two virtualenvs
+  sharing torch's one folder rebuilt it on every alternate start.
 
 ``describe_run(trainer)``: the one line the trainer prints at the start (new or resumed at which
 step, device and threads, world size, which kernels run, data, MFU or why not). ``run_summary``:
@@ -22,12 +25,13 @@ Test: ``pytest tests/test_run_output.py``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 QUIET_TORCH_MESSAGES = ("No CUDA runtime is found",)
 """Start of torch.utils.cpp_extension warnings that carry no news on a CPU-only machine."""
@@ -76,6 +80,29 @@ def _extension_is_cached(name: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _per_environment_extension_dir(name: str) -> Iterator[None]:
+    """``TORCH_EXTENSIONS_DIR`` pointed at a folder of this Python environment's own while DeepSpeed
+    builds or loads its op (see the module docstring); a user's own setting is kept."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        yield
+        return
+    import zlib
+
+    import torch.utils.cpp_extension as cpp
+
+    try:
+        default_root = Path(cpp._get_build_directory(name, verbose=False)).parent  # noqa: SLF001 (torch's own rule)
+    except Exception:  # a private torch helper: if it moved, keep torch's folder
+        yield
+        return
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(default_root / f"venv-{zlib.crc32(sys.prefix.encode()):08x}")
+    try:
+        yield
+    finally:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+
+
 def _load_shm_op():
     """DeepSpeed's ``build_shm_op``, with an explained step instead of a silent build."""
     import deepspeed
@@ -84,12 +111,14 @@ def _load_shm_op():
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
-    building = not _extension_is_cached(builder.name)
-    if building and _is_local_main():
-        print(f"trm: building DeepSpeed's CPU communication op ({builder.name}) with ninja: once per machine, "
-              f"about 2 minutes on 2 cores; later runs load it from torch's extension cache", file=sys.stderr, flush=True)
-    started = time.perf_counter()
-    module = builder.load()
+    with _per_environment_extension_dir(builder.name):
+        building = not _extension_is_cached(builder.name)
+        if building and _is_local_main():
+            print(f"trm: building DeepSpeed's CPU communication op ({builder.name}) with ninja: once per Python "
+                  f"environment, about 2 minutes on 2 cores; later runs load it from torch's extension cache",
+                  file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        module = builder.load()
     if building and _is_local_main():
         print(f"trm: built {builder.name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return module

@@ -277,14 +277,17 @@ def _register_all() -> None:
 
 
 def _self_check_all(device_type: str) -> str | None:
-    """Each op module's ``self_check`` on ``device_type``; the first failure's reason, or None."""
+    """Each op module's ``self_check`` on ``device_type``; the first failure's reason, or None.
+    Gradients are enabled for the checks: the first native call may come from a ``torch.no_grad``
+    region (the model's no-grad cycles), and the checks run backward."""
     from trm.ops.native import IMPLS_CPU, IMPLS_CUDA, OP_MODULES
 
     impls = IMPLS_CPU if device_type == "cpu" else IMPLS_CUDA
-    for module in OP_MODULES:
-        reason = module.self_check(impls[module.OP], device_type)
-        if reason is not None:
-            return reason
+    with torch.enable_grad():
+        for module in OP_MODULES:
+            reason = module.self_check(impls[module.OP], device_type)
+            if reason is not None:
+                return reason
     return None
 
 
