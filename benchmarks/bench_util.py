@@ -37,8 +37,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +44,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from trm.ops import baselines
 
 HERE = Path(__file__).resolve().parent
 BASELINES = HERE / "baselines"
@@ -64,13 +64,7 @@ def on_gpu() -> bool:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return baselines.cpu_model()
 
 
 def bench_threads() -> int:
@@ -119,14 +113,11 @@ def keep_freed_memory() -> bool:
 
 
 def device_class() -> str:
-    """Baseline key of this machine, made of what sets the ratios. GPU: the card's name. CPU: the
-    model name, the vector ISA PyTorch's kernels dispatch to (``AVX2``, ``AVX512``, ...) and the
-    thread count both sides run with."""
-    if on_gpu():
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = f"cpu-{cpu_model()}-{torch.backends.cpu.get_cpu_capability()}-{torch.get_num_threads()}t"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    """Baseline key of this machine, made of what sets the ratios (``trm.ops.baselines.device_key``,
+    the key ``kernels=auto`` reads the same files by). GPU: the card's name. CPU: the model name, the
+    vector ISA PyTorch's kernels dispatch to (``AVX2``, ``AVX512``, ...) and the thread count both
+    sides run with."""
+    return baselines.device_key("cuda:0" if on_gpu() else "cpu")
 
 
 def device() -> torch.device:

@@ -2,8 +2,8 @@
 # One prepared GPU check for a lent GPU machine (the `device` tool: one H100/H200, no network,
 # 15 minutes of device time per session, machine start included). Run from the repository root.
 #
-#   bash benchmarks/device_check.sh [STAGE ...]   stages: env build tests train bench suite
-#                                                 (default: env build tests train bench)
+#   bash benchmarks/device_check.sh [STAGE ...]   stages: env build tests bench train suite
+#                                                 (default: env build tests bench train)
 #   TRM_DC_DRY=1 bash benchmarks/device_check.sh  the same stages at toy sizes on the CPU, end to end
 #                                                 (tests/test_device_check.py runs it on every commit)
 #
@@ -12,13 +12,17 @@
 #   env    which card, torch/triton/deepspeed versions, the device class the baselines are keyed by.
 #   build  the native kernels build/load for this card and pass their self-check; `auto`'s run-time
 #          verification (trm.ops.verify: every dtype and model layout incl. mlp_t's axis, forward and
-#          gradient, against float64) accepts every kernel it may pick, or the stage fails naming the
-#          refusal; the table of what auto runs per op; a quick kernel-vs-reference timing.
+#          gradient, against float64) accepts every kernel of AUTO_ORDER (baseline or not), or the
+#          stage fails naming the refusal; what auto runs per op and why; a quick kernel timing.
 #          => do the kernels run here, and does auto trust them?
 #   tests  pytest -m gpu: the CUDA and Triton kernels against the reference in fp32/fp16/bf16, each
 #          check asserting its kernels were launched (trm.ops.counters), and the model under cuda,
 #          triton and auto on CUDA tensors equal to kernels=torch (test_ops_dispatch::test_model_on_gpu_*).
 #          => are the kernels right, and is each one really what ran?
+#   bench  pytest benchmarks (TRM_BENCH_UPDATE=1: records baselines/<card>.json, the file kernels=auto
+#          reads: without it auto runs the reference ops on this card) and the day's results CSV.
+#          Before train, so that train's kernels=auto runs what the benchmarks found faster.
+#                                                                       => how much faster, per op?
 #   train  the full-size sudoku_mlp recipe on generated data with kernels=torch and with kernels=auto,
 #          same seed and steps, a checkpoint and a resume in each; then benchmarks/device_check_train.py:
 #          a step of that model under auto launches the kernels (counted), the two loss curves agree
@@ -27,8 +31,6 @@
 #          tolerance of the recorded one, its speed >= (1 - TRM_DC_SPEED_TOL) x the recorded),
 #          recorded there when it does not (not gated).
 #          => does training with the kernels learn like the reference, and is it faster?
-#   bench  pytest benchmarks (TRM_BENCH_UPDATE=1: records baselines/<card>.json when absent) and the
-#          day's results CSV.                                  => how much faster, per op?
 #   suite  the whole test suite on the GPU machine, not only -m gpu (default "-m 'not slow'",
 #          TRM_DC_SUITE_ARGS); a call of its own.               => nothing else breaks on a GPU
 # Results (at most 8 files come back from $OUT): *.log, train_curves.json, the baselines, the CSV.
@@ -64,7 +66,7 @@ fi
 DRY=${TRM_DC_DRY:-0}
 BASELINES=${TRM_DC_BASELINES:-benchmarks/baselines}
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(env build tests train bench)
+[ ${#stages[@]} -eq 0 ] && stages=(env build tests bench train)
 failed=0
 
 run_stage() {  # name limit_s command...
@@ -113,7 +115,8 @@ print("native:", json.dumps(native.status()))
 print("cuda kernels:", native.available_cuda())
 with warnings.catch_warnings(record=True) as said:
     warnings.simplefilter("always")
-    dispatch.set_backend("auto")            # loads, self-checks and verifies what auto may pick
+    dispatch.set_backend("auto")            # reads the baselines, loads and verifies what they back
+    dispatch.verify_candidates()            # and verifies every other candidate too
 for (backend, op, device), result in sorted(verify.report().items()):
     ran = sum(v == "kernel" for v in result["cases"].values())
     verdict = ("REFUSED: " + result["refused"]) if result["refused"] else \
@@ -121,7 +124,7 @@ for (backend, op, device), result in sorted(verify.report().items()):
     print(f"verify {backend:6s} {op:24s} on {device:4s} {verdict}")
 for w in said:
     print("warning:", w.message)
-print("kernels=auto runs:", json.dumps(dispatch.describe()))
+print("kernels=auto runs:", json.dumps(dispatch.describe(), indent=1))
 refused = sorted(k for k, r in verify.report().items() if r["refused"])
 raise SystemExit(f"auto refused {refused}" if refused else 0)
 EOF
@@ -188,7 +191,7 @@ for s in "${stages[@]}"; do
     train) run_stage train "${TRM_DC_TRAIN_S:-180}" stage_train ;;
     bench) run_stage bench "${TRM_DC_BENCH_S:-120}" stage_bench ;;
     suite) run_stage suite "${TRM_DC_SUITE_S:-540}" stage_suite ;;
-    *) echo "device_check: unknown stage '$s' (env build tests train bench suite)" >&2; exit 100 ;;
+    *) echo "device_check: unknown stage '$s' (env build tests bench train suite)" >&2; exit 100 ;;
   esac
 done
 echo "device_check: ${#stages[@]} stage(s), $failed failed; logs in $OUT"

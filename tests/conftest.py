@@ -136,6 +136,41 @@ def write_config(path: Path, run_dir: Path, data_dir: Path, train: dict | None =
     return path
 
 
+@pytest.fixture
+def kernel_baselines(tmp_path, monkeypatch):
+    """A temporary baselines directory for ``kernels=auto`` (``TRM_KERNEL_BASELINES``; the committed
+    ones are never edited by a test): ``write({(backend, op): speedup}, device)`` records one for
+    ``device`` (key ``trm.ops.baselines.device_key``) with a fwd+bwd entry per (backend, op);
+    ``write(BACKED, device)`` backs every candidate of ``AUTO_ORDER`` there."""
+    import json
+
+    from trm.ops import baselines
+
+    folder = tmp_path / "kernel-baselines"
+    folder.mkdir()
+    monkeypatch.setenv(baselines.ENV_DIR, str(folder))
+    baselines.forget()
+
+    def write(speedups, device="cpu", key=None):
+        from trm.ops import dispatch
+
+        if speedups is BACKED:
+            dev = torch.device(device).type
+            speedups = {(b, op): 2.0 for op, order in dispatch.AUTO_ORDER.items() for b in order.get(dev, ())}
+        entries = {f"{op}/fwd+bwd/{backend}/float32/test": {"speedup": s} for (backend, op), s in speedups.items()}
+        path = folder / f"{key or baselines.device_key(device)}.json"
+        path.write_text(json.dumps({"device": path.stem, "benchmarks": entries}))
+        baselines.forget()
+        return path
+
+    write.folder = folder
+    yield write
+    baselines.forget()
+
+
+BACKED = object()   # kernel_baselines(BACKED): a baseline backing every auto candidate
+
+
 def proves_kernels_ran(backend, op: str, file: str, *kernels: str):
     """Decorator of a kernel check helper: the check must launch every one of ``kernels`` (of the
     kernel file ``csrc/.../<file>``) and must not hand any call of ``backend``'s ``op`` to the

@@ -109,4 +109,4 @@ def test_a_failing_or_overrunning_stage_is_counted_and_the_rest_still_run(tmp_pa
 
 def test_unknown_stage_is_refused(tmp_path):
     proc = _run(tmp_path, "benchmark")
-    assert proc.returncode == 100 and "unknown stage 'benchmark' (env build tests train bench suite)" in proc.stderr
+    assert proc.returncode == 100 and "unknown stage 'benchmark' (env build tests bench train suite)" in proc.stderr

@@ -5,7 +5,8 @@ interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` when no GPU is visibl
 CPU extension is JIT-built on first use when ``pip install`` did not build it.
 
 - explicit backends fail loudly (unknown name, unavailable backend with its reason, wrong device,
-  an op the backend lacks), ``auto`` falls back and names the missing backend once;
+  an op the backend lacks), ``auto`` falls back and names the missing backend once (what auto
+  picks from the baselines: tests/test_ops_auto.py; here a temporary baseline backs every candidate);
 - the model gives the same outputs and gradients under ``cpu`` and ``triton`` as under ``torch``
   (and the kernels really ran: their launches are counted, ``trm.ops.counters``, and no call fell
   back to the reference), and compiles with ``torch.compile``; on a GPU the same for ``cuda``,
@@ -28,6 +29,8 @@ import torch
 from trm import ops
 from trm.ops import counters, dispatch, native, reference
 
+from conftest import BACKED
+
 EPS = 1e-5
 
 
@@ -40,7 +43,9 @@ def kernel_device(backend: str) -> str:
 
 
 @pytest.fixture(autouse=True)
-def restore_backend():
+def restore_backend(kernel_baselines):
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        kernel_baselines(BACKED, dev)
     saved_global, saved_per_op = dispatch._global_backend, dict(dispatch._per_op)
     yield
     dispatch._restore(saved_global, saved_per_op)
@@ -94,7 +99,8 @@ def test_auto_picks_native_cpu_and_describe_says_so():
     assert dispatch._select("rms_norm", x) is native.IMPLS_CPU["rms_norm"]
     assert dispatch._select("attention", x) is reference.attention
     table = ops.describe()
-    assert table["rms_norm"]["cpu"] == "cpu" and table["attention"]["cpu"] == "torch"
+    assert table["rms_norm"]["cpu"].startswith("cpu kernel: verified on cpu, baseline "), table
+    assert table["attention"]["cpu"] == "reference: no kernel of attention is a candidate on cpu", table
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
@@ -191,8 +197,9 @@ def expected_kernels(backend: str, overrides: dict, device: str) -> dict[str, st
     files = {"rms_norm": "rms_norm", "stablemax_cross_entropy": "stablemax_ce", "swiglu": "swiglu",
              "attention": "attention", "apply_rope": "rope"}
     model_ops = ["rms_norm", "stablemax_cross_entropy", "swiglu"] + (["attention", "apply_rope"] if uses_attention else [])
-    if backend == "auto":   # the first candidate of AUTO_ORDER: a correct kernel is never refused
+    if backend == "auto":   # the first candidate of AUTO_ORDER (backed here): a correct kernel is never refused
         picks = {op: dispatch.AUTO_ORDER[op].get(device, ("torch",))[0] for op in model_ops}
+        assert picks == {op: dispatch.resolve(op, device) for op in model_ops}, dispatch.describe()
     else:
         picks = {op: backend for op in model_ops}
     return {files[op]: b for op, b in picks.items() if b != "torch" and op in dispatch.impls(b)}

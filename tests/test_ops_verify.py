@@ -18,12 +18,17 @@ from trm import ops
 from trm.ops import counters, dispatch, native, reference, verify
 from trm.ops.triton import loader as triton_loader
 
+from conftest import BACKED
+
 EPS = 1e-5
 
 
 @pytest.fixture(autouse=True)
-def fresh_verification(monkeypatch):
-    """Each test verifies afresh and leaves the backend, the warnings and AUTO_ORDER as it found them."""
+def fresh_verification(monkeypatch, kernel_baselines):
+    """Each test verifies afresh and leaves the backend, the warnings and AUTO_ORDER as it found them;
+    a temporary baseline backs every candidate, so verification alone decides here."""
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        kernel_baselines(BACKED, dev)
     saved_global, saved_per_op = dispatch._global_backend, dict(dispatch._per_op)
     monkeypatch.setattr(dispatch, "_warned", set())
     verify.forget()
@@ -130,13 +135,15 @@ TRITON_DEVICE = "cpu" if INTERPRETING else "cuda"   # where Triton takes tensors
 NATIVE_ON = {"cpu": "cpu", "cuda": "cuda"}           # the native backend of a device: auto's next candidate here
 
 
-def test_a_planted_wrong_triton_kernel_is_refused_and_auto_takes_the_next_candidate(monkeypatch, tmp_path):
+def test_a_planted_wrong_triton_kernel_is_refused_and_auto_takes_the_next_candidate(monkeypatch, tmp_path,
+                                                                                    kernel_baselines):
     """With Triton first in auto's list (CPU tensors in the interpreter; CUDA tensors on a GPU), the
     real kernel passes the verification and runs; the same kernel source with a 0.1% error is
     refused, naming why, and auto runs the native kernel, the next candidate."""
     assert triton_loader.available()[0], triton_loader.available()
     dev, native_backend = TRITON_DEVICE, NATIVE_ON[TRITON_DEVICE]
     monkeypatch.setitem(dispatch.AUTO_ORDER, "rms_norm", {dev: ("triton", native_backend)})
+    kernel_baselines(BACKED, dev)
     choice, said = _auto_choice("rms_norm", dev)
     assert choice == "triton" and not said, said
     cases = verify.report()[("triton", "rms_norm", dev)]["cases"]

@@ -31,9 +31,12 @@ def test_a_run_says_once_what_runs_and_where_its_outputs_went(first_run, sudoku_
     starts = [line for line in proc.stdout.splitlines() if line.startswith("trm.train: ")]
     assert len(starts) == 1, proc.stdout
     start = starts[0]
-    for part in (f"new run in {root / 'run'}", "device cpu", "1 process(es)", "kernels=torch: adam_atan2=torch,",
+    for part in (f"new run in {root / 'run'}", "device cpu", "1 process(es)",
                  f"data {sudoku_dir} (80 training / 12 held-out examples, seq_len 81)", "no MFU"):
         assert part in start, (part, start)
+    # the default kernels=auto, in a few words: the kernels its baselines back, else why none
+    assert re.search(r" · kernels=auto: (cpu: [a-z_, ]+; the rest the reference|the reference \(no baseline [^)]*\)) · ",
+                     start), start
     assert "evaluate" in proc.stderr  # the final evaluation's progress bar (2 batches of 4)
     tail = proc.stdout.splitlines()[-12:]
     assert any(line.startswith("final evaluation of step 3 on 8 held-out examples") for line in tail), tail

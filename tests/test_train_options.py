@@ -258,23 +258,23 @@ def _trainer_from_config(path: Path, data_dir: Path):
 
 # ------------------------------------------------------------------ kernels from the config
 
-NATIVE_CPU_OPS = {"trm::rms_norm_fwd", "trm::stablemax_ce_fwd"}  # the ops auto picks on this CPU (AUTO_ORDER)
+NATIVE_CPU_OPS = {"trm::rms_norm_fwd", "trm::stablemax_ce_fwd", "trm::swiglu_fwd"}  # what the baseline below backs
 
 
-def _train_with_kernels(tmp_path: Path, sudoku_dir: Path, kernels: str) -> tuple[list[float], set[str]]:
-    """``python -m trm.train CFG kernels=NAME`` in process under the profiler: the logged losses and
-    the ``trm::`` ops that ran."""
+def _train_with_kernels(tmp_path: Path, sudoku_dir: Path, kernels: str | None) -> tuple[list[float], set[str]]:
+    """``python -m trm.train CFG kernels=NAME`` (None: the default) in process under the profiler: the
+    logged losses and the ``trm::`` ops that ran."""
     from torch.profiler import ProfilerActivity, profile
 
     from trm import ops
     from trm.train.__main__ import main
 
-    run_dir = tmp_path / kernels
+    run_dir = tmp_path / str(kernels)
     cfg = write_config(tmp_path / f"{kernels}.yaml", run_dir, sudoku_dir,
                        {"max_steps": 3, "eval_interval": 0, "checkpoint_interval": 0, "plots": False})
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            assert main([str(cfg), f"kernels={kernels}"]) == 0
+            assert main([str(cfg)] + ([f"kernels={kernels}"] if kernels else [])) == 0
     finally:
         ops.set_backend("torch")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -290,11 +290,12 @@ def torch_kernels_losses(tmp_path_factory, sudoku_dir) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("kernels", ["cpu", "auto"])
+@pytest.mark.parametrize("kernels", ["cpu", "auto", None], ids=["cpu", "auto", "default"])
 def test_kernels_from_the_config_run_the_native_kernels_and_train_like_torch(tmp_path, sudoku_dir, kernels,
-                                                                             torch_kernels_losses):
-    """``kernels: cpu | auto`` from the config reaches the ops: the C++ kernels run (profiler events)
-    and the losses follow ``kernels=torch`` to rounding."""
+                                                                             torch_kernels_losses, kernel_baselines):
+    """``kernels: cpu | auto`` from the config, and the default (auto), reach the ops: with a baseline
+    backing the C++ kernels they run (profiler events) and the losses follow ``kernels=torch`` to rounding."""
+    kernel_baselines({("cpu", op): 2.0 for op in ("rms_norm", "stablemax_cross_entropy", "swiglu")})
     losses, ran = _train_with_kernels(tmp_path, sudoku_dir, kernels)
     assert NATIVE_CPU_OPS <= ran, f"kernels={kernels} did not run the C++ kernels; ran {sorted(ran)}"
     assert len(losses) == 3

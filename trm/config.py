@@ -383,8 +383,10 @@ class Config:
     """Seed of every random number generator."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    kernels: str = "torch"
-    """Op backends: torch (PyTorch reference) | cpu (native C++ kernels) | auto (fastest verified) | cuda | triton."""
+    kernels: str = "auto"
+    """Op backends: auto (per op and device, a kernel that passes verification there and that the device
+    class's committed benchmark baseline shows faster, else the reference; docs/kernels.md) | torch
+    (PyTorch reference) | cpu (native C++ kernels) | cuda | triton."""
     trainer: str = "trm"
     """Registry name of the trainer (see ``trm.factories.TRAINERS``)."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -3,8 +3,10 @@
 Each op has a plain-PyTorch reference (``trm.ops.reference``; float32 math, the ground truth of
 the tests). Fused backends plug in behind the same names (see DESIGN.md, "Ops") and are chosen
 by ``set_backend(auto | cuda | triton | cpu | torch)``, globally or per op
-(``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``. The default is ``torch``
-(the reference); the trainer sets the config key ``kernels``.
+(``set_backend("torch", op="rms_norm")``); see ``trm.ops.dispatch``. Imported as a library
+``trm.ops`` starts at ``torch`` (the reference); the trainer sets the config key ``kernels``
+(default ``auto``: a kernel runs only where it is verified and a committed benchmark baseline of
+the device class shows it faster, ``trm.ops.baselines``). ``describe()`` says what runs and why.
 
 Where an op lives (one home per op; paths under ``trm/ops/`` and ``csrc/``; every reference is in
 ``trm/ops/reference.py``):
@@ -22,7 +24,7 @@ Triton; ``torch.library`` fake + autograd registrations for the native ``torch.o
 its front door for that backend; ``native/loader.py`` and ``triton/loader.py`` build/load the
 kernels and hold what the ops share. Tests: ``tests/test_ops_cpu.py`` (native, CPU),
 ``tests/test_ops_cuda_build.py`` (native, CUDA), ``tests/test_ops_triton.py`` (Triton),
-``tests/test_ops_dispatch.py`` (choosing); ``-k <op>`` selects one op (``-k stablemax``, ``-k adam``). Benchmarks:
+``tests/test_ops_dispatch.py`` (choosing), ``tests/test_ops_auto.py`` (what auto picks); ``-k <op>`` selects one op (``-k stablemax``, ``-k adam``). Benchmarks:
 ``benchmarks/test_bench_ops.py``.
 
 Shape legend: B batch, L positions (prefix included), D hidden, H heads, K head_dim,
@@ -41,6 +43,7 @@ from trm.ops.dispatch import (
     set_backend,
     softmax_cross_entropy,
     stablemax_cross_entropy,
+    summary,
     swiglu,
     use_backend,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "set_backend",
     "softmax_cross_entropy",
     "stablemax_cross_entropy",
+    "summary",
     "swiglu",
     "use_backend",
 ]

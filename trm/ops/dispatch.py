@@ -2,18 +2,21 @@
 
 Backends (DESIGN.md, "Ops"); each provides some ops, all with the reference's signature:
 
-- ``torch``: the plain-PyTorch reference (``trm.ops.reference``); every op. The default.
+- ``torch``: the plain-PyTorch reference (``trm.ops.reference``); every op. What ``trm.ops``
+  starts with when imported as a library (the trainer's config default is ``auto``).
 - ``cpu``: native C++ CPU kernels (``trm.ops.native.<op>``, ``torch.ops.trm.*``), CPU tensors.
 - ``cuda``: native CUDA C++ kernels (``trm.ops.native.<op>``), CUDA tensors.
 - ``triton``: Triton kernels (``trm.ops.triton.<op>``, sources in ``csrc/triton``), CUDA
   tensors; CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``).
-- ``auto``: per call, for the tensors' device, the first AVAILABLE backend of
-  ``AUTO_ORDER[op][device]`` that has the op, else the reference. Every backend in that list
-  passed the error rule of DESIGN.md in the tests, so ``auto`` never trades correctness for
-  speed; the order comes from ``pytest benchmarks`` (an op keeps the reference on a device
-  until a measurement says a kernel is faster there). A missing backend is named once
-  (warning) and the next candidate runs. Under ``torch.compile`` on CPU, auto traces the
-  reference so inductor can fuse it (our C++ ops are opaque to it).
+- ``auto``: per call, for the tensors' device, the first candidate of ``AUTO_ORDER[op][device]``
+  that (a) this device class's committed benchmark baseline shows faster than the reference
+  (``trm.ops.baselines``: which file, which entries count), (b) is available here and (c) passes
+  the run-time verification on this device (``trm.ops.verify``); else the reference. So a device
+  without a recorded baseline runs the reference ops until one is recorded
+  (``benchmarks/device_check.sh`` on a GPU). A missing backend and a refused kernel are named once
+  (warning). Under ``torch.compile`` on CPU, auto traces the reference so inductor can fuse it
+  (our C++ ops are opaque to it); on a GPU a trace uses what eager ``auto`` chose (``set_backend``
+  chooses up front).
 
 Explicit choices fail loudly instead of falling back: ``set_backend("cuda")`` raises at once when
 the backend cannot run here (with the reason), and running an op of an explicit backend on
@@ -22,7 +25,8 @@ kernel for run the reference (named once); naming such an op in a per-op overrid
 
 ``set_backend(name)`` sets the global backend; ``set_backend(name, op="rms_norm")`` overrides one
 op (``set_backend(None, op=...)`` removes the override); ``use_backend`` is the context manager.
-``describe()`` says, per op and device, what ``auto`` runs now.
+``describe()`` says, per op and device, what runs now and why; ``summary(device)`` says it in a
+few words (the run's start line).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from trm.ops import reference, verify
+from trm.ops import baselines, reference, verify
 
 log = logging.getLogger("trm.ops")
 
@@ -44,20 +48,18 @@ NATIVE_BACKENDS = ("cuda", "triton", "cpu")
 OPS = ("adam_atan2", "apply_rope", "attention", "log_stablemax", "rms_norm", "softmax_cross_entropy",
        "stablemax_cross_entropy", "swiglu")
 
-# auto: candidates per op and device type, best first (anything not listed runs the reference).
-# Attention stays on PyTorch's SDPA (flash / memory-efficient backends) until a GPU benchmark of
-# our Triton kernel beats it at TRM shapes; see benchmarks/.
+# auto: the candidates per op and device type, preferred first (anything not listed runs the
+# reference). A candidate runs only where the device's baseline shows it faster (trm.ops.baselines):
+# on this CPU that keeps adam_atan2 on PyTorch's foreach (0.22x), and attention stays on PyTorch's
+# SDPA on a GPU until a baseline there shows the Triton kernel faster at TRM shapes.
 _ROWWISE_GPU = ("cuda", "triton")
 AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
     "stablemax_cross_entropy": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
-    # C++ swiglu (vectorised, one pass, one gradient buffer): 2.0x the reference's forward and a
-    # training step 1.18x (tiny) / 1.19x (b128, hidden 128) over kernels=torch, 1 thread, measured
-    # on the 2-core CPU; adam_atan2 stays on the reference there (0.22x, benchmarks/baselines)
     "swiglu": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
     "apply_rope": {"cuda": ("triton",)},
-    "adam_atan2": {"cuda": _ROWWISE_GPU},
-    "attention": {},
+    "adam_atan2": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "attention": {"cuda": ("triton",)},
     "log_stablemax": {},
     "softmax_cross_entropy": {},
 }
@@ -67,6 +69,7 @@ _REFERENCE: dict[str, Callable] = {op: getattr(reference, op) for op in OPS}
 _global_backend = "torch"
 _per_op: dict[str, str] = {}
 _warned: set[str] = set()
+_chosen_eagerly: dict[tuple[str, str], str] = {}   # (op, device type) -> what eager auto last ran: a GPU trace's choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,15 +162,14 @@ def set_backend(name: str | None, op: str | None = None) -> None:
 
 
 def _preload_auto() -> None:
-    """Load (build, self-check) and verify (``trm.ops.verify``) every backend ``auto`` may pick on
-    this machine NOW, eagerly: neither may happen inside a ``torch.compile`` trace (they cannot run
-    there, and the backend would be refused)."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """Choose what ``auto`` runs on this machine NOW, eagerly: read the baselines, load (build,
+    self-check) and verify (``trm.ops.verify``) every backed candidate; none of it may happen inside
+    a ``torch.compile`` trace (it cannot run there)."""
     for op, order in AUTO_ORDER.items():
-        for dev in devices:
+        for dev in _devices():
             if order.get(dev):
                 with _routed("auto", op):
-                    resolve(op, dev)  # availability, then verification, of the candidates in order
+                    resolve(op, dev)  # baseline, availability, then verification, of the candidates in order
 
 
 @contextlib.contextmanager
@@ -221,25 +223,48 @@ def resolve(op: str, device: torch.device | str) -> str:
         if not ok:
             raise RuntimeError(f"kernel backend {name!r} was requested for {op} but cannot run here: {reason}")
         return name
-    if device.type == "cpu" and torch.compiler.is_compiling():
-        # under torch.compile on CPU, inductor fuses the reference's elementwise ops into the
-        # matmuls' neighbours; an opaque C++ op would cut those fusions (measured in
-        # benchmarks/test_bench_e2e.py: 0.79x of the plain model compiled), so auto traces the reference
-        return "torch"
-    for candidate in AUTO_ORDER.get(op, {}).get(device.type, ()):
-        ok, reason = available(candidate)
-        if ok and op in _provider(candidate)[0] and _device_ok(candidate, device):
-            refused = verify.refusal(candidate, op, _provider(candidate)[0][op], device.type)
-            if refused is None:
-                return candidate
-            _warn_once(f"auto:verify:{candidate}:{op}:{device.type}",
-                       f"trm.ops: 'auto' refuses the {candidate} {op} kernel on {device.type}: {refused}; "
-                       f"it uses the next candidate or the PyTorch reference")
+    if torch.compiler.is_compiling():
+        if device.type == "cpu":
+            # under torch.compile on CPU, inductor fuses the reference's elementwise ops into the
+            # matmuls' neighbours; an opaque C++ op would cut those fusions (measured in
+            # benchmarks/test_bench_e2e.py: 0.79x of the plain model compiled), so auto traces the reference
+            return "torch"
+        return _chosen_eagerly.get((op, device.type), "torch")   # baselines and verification need eager code
+    chosen = _chosen_eagerly[(op, device.type)] = _auto_choice(op, device)[0]
+    return chosen
+
+
+def _auto_choice(op: str, device: torch.device, explain: bool = False) -> tuple[str, str]:
+    """``(backend, why)`` ``auto`` runs ``op`` on ``device`` with now (``why`` only with ``explain``):
+    the first candidate that the baseline backs, that is available and that verification accepts."""
+    candidates = AUTO_ORDER.get(op, {}).get(device.type, ())
+    if not candidates:
+        return "torch", f"no kernel of {op} is a candidate on {device.type}" if explain else ""
+    skipped: dict[str, list[str]] = {}    # why -> the candidates it kept out
+    for candidate in candidates:
+        evidence = baselines.evidence(candidate, op, device)
+        if not evidence.backed:
+            if explain:
+                skipped.setdefault(evidence.why, []).append(candidate)
             continue
+        ok, reason = available(candidate)
         if not ok:
             _warn_once(f"auto:{candidate}", f"trm.ops: kernel backend {candidate!r} is unavailable ({reason}); "
                                             f"'auto' uses the next candidate or the PyTorch reference")
-    return "torch"
+            skipped.setdefault(f"unavailable ({reason})", []).append(candidate)
+            continue
+        kernel = _provider(candidate)[0].get(op)
+        if kernel is None or not _device_ok(candidate, device):
+            skipped.setdefault(f"takes no {device.type} tensors for {op}", []).append(candidate)
+            continue
+        refused = verify.refusal(candidate, op, kernel, device.type)
+        if refused is None:
+            return candidate, f"verified on {device.type}, {evidence.why}" if explain else ""
+        _warn_once(f"auto:verify:{candidate}:{op}:{device.type}",
+                   f"trm.ops: 'auto' refuses the {candidate} {op} kernel on {device.type}: {refused}; "
+                   f"it uses the next candidate or the PyTorch reference")
+        skipped.setdefault(f"refused by verification: {refused}", []).append(candidate)
+    return "torch", "; ".join(f"{'/'.join(names)} kernel not used, {why}" for why, names in skipped.items())
 
 
 def _select(op: str, t: torch.Tensor) -> Callable:
@@ -247,18 +272,70 @@ def _select(op: str, t: torch.Tensor) -> Callable:
     return _REFERENCE[op] if name == "torch" else _provider(name)[0][op]
 
 
+def _devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 def describe() -> dict[str, dict[str, str]]:
-    """Per op: what runs now for CPU and (if visible) CUDA tensors."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    """Per op and device type (CPU, and CUDA when visible): what runs now and why, e.g.
+    ``"cpu kernel: verified on cpu, baseline cpu-...-1t: 1.20x-2.28x the reference in its 4 entries"``
+    or ``"reference: cuda/triton kernel not used, no baseline for nvidia-h200 in ...; record one: ..."``."""
     out: dict[str, dict[str, str]] = {}
     for op in OPS:
         out[op] = {}
-        for dev in devices:
-            try:
-                out[op][dev] = resolve(op, dev)
-            except RuntimeError as exc:
-                out[op][dev] = f"error: {exc}"
+        for dev in _devices():
+            out[op][dev] = _explain(op, torch.device(dev))
     return out
+
+
+def _explain(op: str, device: torch.device) -> str:
+    name = _per_op.get(op, _global_backend)
+    if name == "torch":
+        return "reference: kernels=torch"
+    if name == "auto":
+        backend, why = _auto_choice(op, device, explain=True)
+        return f"{'reference' if backend == 'torch' else backend + ' kernel'}: {why}"
+    if op not in _provider(name)[0]:
+        return f"reference: {name} has no {op} kernel"
+    try:
+        return f"{resolve(op, device)} kernel: kernels={name}"
+    except RuntimeError as exc:
+        return f"error: {exc}"
+
+
+def summary(device: torch.device | str) -> str:
+    """What runs on ``device`` in a few words: ``"cpu: rms_norm, stablemax_cross_entropy, swiglu; the
+    rest the reference"``; when nothing but the reference runs under ``auto``, the main reason."""
+    device = torch.device(device)
+    by_backend: dict[str, list[str]] = {}
+    for op in OPS:
+        name = _per_op.get(op, _global_backend)
+        try:
+            lacks = name in NATIVE_BACKENDS and op not in _provider(name)[0]   # (resolve would warn)
+            by_backend.setdefault("torch" if lacks else resolve(op, device), []).append(op)
+        except RuntimeError:
+            by_backend.setdefault("error", []).append(op)
+    kernels = [f"{backend}: {', '.join(names)}" for backend, names in by_backend.items() if backend != "torch"]
+    if kernels:
+        return "; ".join(kernels) + ("; the rest the reference" if "torch" in by_backend else "")
+    if "auto" in (_global_backend, *_per_op.values()):
+        path, why = baselines.locate(device)
+        if path is None:
+            return f"the reference ({why.split(';')[0]}; trm.ops.describe() says more)"
+    return "the reference"
+
+
+def verify_candidates() -> dict[tuple[str, str, str], dict]:
+    """Verify every available candidate of ``AUTO_ORDER`` on every visible device type now, backed by
+    a baseline or not (``benchmarks/device_check.sh``: does auto trust each kernel here?); returns
+    ``verify.report()``."""
+    for op, order in AUTO_ORDER.items():
+        for dev in _devices():
+            for candidate in order.get(dev, ()):
+                device = torch.device(dev)
+                if available(candidate)[0] and op in _provider(candidate)[0] and _device_ok(candidate, device):
+                    verify.refusal(candidate, op, _provider(candidate)[0][op], dev)
+    return verify.report()
 
 
 # ---------------------------------------------------------------------------------------------

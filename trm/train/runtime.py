@@ -17,7 +17,7 @@ at the start, and where everything went at the end.
   sharing torch's one folder rebuilt it on every alternate start.
 
 ``describe_run(trainer)``: the one line the trainer prints at the start (new or resumed at which
-step, device and threads, world size, kernels per op, data, MFU or why not). ``run_summary``:
+step, device and threads, world size, which kernels run, data, MFU or why not). ``run_summary``:
 the final lines (evaluation with 95% intervals, checkpoints, metrics file, TensorBoard, plot).
 
 Test: ``pytest tests/test_run_output.py``.
@@ -137,8 +137,7 @@ def describe_run(trainer: Any) -> str:
         start = f"new run in {cfg.run_dir}"
     device = world.device
     where = f"{torch.cuda.get_device_name(device)}" if device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    chosen = ops.describe()
-    kernels = ", ".join(f"{op}={by_device.get(device.type, '?')}" for op, by_device in chosen.items())
+    kernels = ops.summary(device)
     ds = trainer.dataset
     base = getattr(ds, "base", ds)  # a wrapper (the retrieval-augmented dataset) describes its base's data
     data = (f"data {cfg.data.path} ({base.train.num_examples} training / {ds.num_eval_examples} held-out examples, "
