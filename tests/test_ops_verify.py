@@ -79,6 +79,17 @@ def _wrong(real, *, scale=1.001, when=lambda *a: True, gradient=False):
     return fn
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_first_use_inside_no_grad_or_inference_mode_still_verifies_gradients(mode):
+    """The model's no-grad cycles and the service reach auto's first use without autograd: the
+    gradient cases must still run (they used to fail there and refuse correct kernels)."""
+    with getattr(torch, mode)():
+        choice, said = _auto_choice("swiglu")
+    assert choice == "cpu" and not said, said
+    result = verify.report()[("cpu", "swiglu", "cpu")]
+    assert result["refused"] is None and set(result["cases"].values()) == {"kernel"}, result
+
+
 @pytest.mark.parametrize("plant, named", [
     (dict(), "float32, last axis: output 0"),
     (dict(gradient=True), "float32, last axis: gradient of input 0"),

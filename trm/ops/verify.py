@@ -241,6 +241,13 @@ def run(backend: str, op: str, impl: Callable, device_type: str) -> dict:
     "cases": {"<dtype>, <layout>": "kernel" | "reference runs" | "WRONG"}}`` (not cached)."""
     device = _device(device_type)
     cases: dict[str, str] = {}
+    # the first use may come from inside no_grad / inference_mode (a model's no-grad cycles, the
+    # service): the gradient cases need autograd whatever the caller's mode
+    with torch.inference_mode(False), torch.enable_grad():
+        return _run_cases(backend, op, impl, device, cases)
+
+
+def _run_cases(backend: str, op: str, impl: Callable, device: torch.device, cases: dict[str, str]) -> dict:
     try:
         if op == "adam_atan2":
             ran, reason = _check_adam(impl, device, backend)
