@@ -101,3 +101,19 @@ def test_impossible_requests_fail_clearly(monkeypatch):
     monkeypatch.setattr(arc_synth, "MAX_DRAWS", 3)  # give up after 3 draws in a row without a new program
     with pytest.raises(arc_synth.SynthError, match="distinct heldout programs"):
         arc_synth.generate_tasks(1, 100000, canvas=4, min_side=2, max_side=2)
+
+
+def test_another_heldout_family_is_kept_out_of_training():
+    """heldout_kind_pairs (here the colour-map compositions of the tests' CI-sized proof): held-out
+    programs use only those pairs, training programs never, and behaviour is still checked."""
+    pairs = arc_synth.COLOUR_KIND_PAIRS
+    tasks = arc_synth.generate_tasks(40, 6, 2, seed=3, canvas=4, min_side=2, max_side=2, heldout_kind_pairs=pairs)
+    heldout = [t.program for t in tasks if t.role == "heldout"]
+    train = [t.program for t in tasks if t.role != "heldout"]
+    assert len(heldout) == 6 and all(len(p) == 2 and (p[0][0], p[1][0]) in pairs for p in heldout)
+    assert not any(len(p) == 2 and (p[0][0], p[1][0]) in pairs for p in train)
+    probes = arc_synth._probe_grids(2)
+    assert not {arc_synth.fingerprint(p, probes) for p in train} & {arc_synth.fingerprint(p, probes) for p in heldout}
+    for bad in ([("cycle", "cycle")], [("spin", "cycle")], []):
+        with pytest.raises(arc_synth.SynthError, match="heldout_kind_pairs"):
+            arc_synth.generate_tasks(1, 1, heldout_kind_pairs=bad)

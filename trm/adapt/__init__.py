@@ -16,8 +16,9 @@ a new task (an ARC Prize hidden task) has no row. Adaptation is training, on the
    update, no weight decay); ``full`` fine-tunes it with ``adapt.lr`` / warmup / EMA;
 4. :class:`trm.train.trainer.Trainer` runs it: checkpoints in RUN_DIR, exact resume, metrics,
    TensorBoard, plots, torchrun / deepspeed;
-5. before the first step and at the end (and every ``adapt.eval_interval`` steps) the test inputs
-   are voted on over the versions (``trm.eval.arc_eval``); ``RUN_DIR/submission.json`` is the ARC
+5. before the first step (when some test output is known: otherwise there is nothing to score,
+   and that evaluation is skipped) and at the end (and every ``adapt.eval_interval`` steps) the
+   test inputs are voted on over the versions (``trm.eval.arc_eval``); ``RUN_DIR/submission.json`` is the ARC
    Prize file (2 attempts per test input, every task and test input present) and
    ``RUN_DIR/adapt_results.json`` holds pass@k before and after adaptation (where solutions are
    known).
@@ -32,6 +33,7 @@ Command line: ``python -m trm.adapt`` (see ``trm.adapt.__main__``). Tests: ``pyt
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -231,6 +233,13 @@ def build_adaptation_data(out: Path, tasks_source: str | Path, source: SourceMod
     return new_rows
 
 
+def test_outputs_known(data_dir: Path) -> bool:
+    """Whether any test input of the adaptation data has a known output (else there is nothing to score)."""
+    split = load_split(data_dir, "test", check_tokens=False)
+    ignore = split.metadata.ignore_label_id
+    return len(split.labels) > 0 and (ignore is None or bool((np.asarray(split.labels) != ignore).any()))
+
+
 # --------------------------------------------------------------------------------- the run config
 def adaptation_config(source: SourceModel, run_dir: Path, overrides: Sequence[str]) -> Config:
     """The adaptation run's config: the source run's, with ``adapt.*`` (and any other key=value
@@ -304,6 +313,31 @@ def adapted_model(cfg: Config, source: SourceModel, new_rows: int, world: Any) -
     return model
 
 
+def table_digest(table: torch.Tensor) -> str:
+    """SHA-256 of a puzzle table's bytes (shape and dtype included): equal digests, equal tables."""
+    table = table.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tuple(table.shape)} {table.dtype}".encode())
+    digest.update(table.view(torch.uint8).numpy().tobytes() if table.numel() else b"")
+    return digest.hexdigest()
+
+
+def agreed_table_digest(table: torch.Tensor, world: Any, when: str) -> str:
+    """The table's digest, checked to be the same on every rank (a collective under torchrun):
+    AdaptError naming the ranks that differ otherwise."""
+    import torch.distributed as dist
+
+    mine = table_digest(table)
+    if world.size == 1 or not dist.is_initialized():
+        return mine
+    every: list[Any] = [None] * world.size
+    dist.all_gather_object(every, mine)
+    differing = [rank for rank, digest in enumerate(every) if digest != every[0]]
+    if differing:
+        raise AdaptError(f"{when}, the puzzle table of rank(s) {differing} differs from rank 0's; every rank must load the "
+                         f"same source model and RUN_DIR (a shared filesystem, the same --tasks): check both, then run again.")
+    return mine
+
+
 # ------------------------------------------------------------------------------------------ run
 def _record(source: SourceModel, tasks: str, cfg: Config) -> dict[str, Any]:
     from trm.config import to_dict
@@ -361,10 +395,15 @@ def run_adaptation(source_path: str | Path, tasks: str | Path, run_dir: str | Pa
             new_rows = build_adaptation_data(data_dir, tasks, source, cfg.adapt.aug, cfg.seed)
             (run_dir / ADAPT_RECORD).write_text(json.dumps({**wanted, "new_rows": new_rows}, indent=1))
     barrier()
+    if not (run_dir / ADAPT_RECORD).is_file():
+        raise AdaptError(f"rank {world.rank} does not see {run_dir / ADAPT_RECORD}, which rank 0 wrote: the adaptation data "
+                         f"is built once, by rank 0, in RUN_DIR. Pass an --out directory on storage that every node "
+                         f"mounts at the same path (NFS, Lustre, GPFS, ...).")
     new_rows = json.loads((run_dir / ADAPT_RECORD).read_text())["new_rows"]
     cfg.train.max_steps = adaptation_steps(cfg, data_dir)
     dataset = build_dataset(cfg, world)
     model = adapted_model(cfg, source, new_rows, world)
+    agreed_table_digest(model.puzzle_emb.weights, world, "after growing")
     torch.manual_seed(cfg.seed * 1_000_003 + world.rank + 1)
     trainer = build_trainer(cfg, world, model, dataset, resume_from)
     if world.is_main:
@@ -375,6 +414,8 @@ def run_adaptation(source_path: str | Path, tasks: str | Path, run_dir: str | Pa
     before_path = eval_dir / BEFORE_FILE
     if before_path.is_file():
         before = json.loads(before_path.read_text())
+    elif cfg.train.max_steps > 0 and not test_outputs_known(data_dir):
+        before = {}  # no test output is known (an ARC Prize hidden set): nothing to score before adapting
     else:
         before = trainer.evaluate(submission_path=eval_dir / "submission_before.json")
         # The votes of the unadapted model must not count after adaptation (train.arc_vote_accumulate).
@@ -383,10 +424,13 @@ def run_adaptation(source_path: str | Path, tasks: str | Path, run_dir: str | Pa
             eval_dir.mkdir(parents=True, exist_ok=True)
             before_path.write_text(json.dumps(before, indent=1))
     after = trainer.fit() if cfg.train.max_steps > 0 else {}
+    final_table = None if trainer.puzzle_table is not None else agreed_table_digest(trainer.model.puzzle_emb.weights, world, "after adaptation")
     last_submission = eval_dir / (f"submission_step_{trainer.step}.json" if after else "submission_before.json")
     results = {"source": str(source.path), "tasks": str(tasks), "train": cfg.adapt.train, "init": cfg.adapt.init,
                "steps": trainer.step, "new_rows": new_rows, "seconds": time.time() - started,
-               "before": _arc_summary(before), "after": _arc_summary(after or before)}
+               "before": _arc_summary(before), "after": _arc_summary(after or before), "world_size": world.size}
+    if final_table is not None:
+        results["puzzle_table_sha256"] = final_table  # the same on every rank (checked)
     if world.is_main:
         if last_submission.is_file():
             shutil.copyfile(last_submission, run_dir / SUBMISSION_FILE)
@@ -396,5 +440,5 @@ def run_adaptation(source_path: str | Path, tasks: str | Path, run_dir: str | Pa
     return results
 
 
-__all__ = ["AdaptError", "SourceModel", "adaptation_config", "adapted_model", "build_adaptation_data", "check_adaptable",
-           "load_source", "load_tasks", "run_adaptation"]
+__all__ = ["AdaptError", "SourceModel", "adaptation_config", "adapted_model", "agreed_table_digest", "build_adaptation_data",
+           "check_adaptable", "load_source", "load_tasks", "run_adaptation", "table_digest"]

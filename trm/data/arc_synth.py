@@ -21,7 +21,7 @@ corner: no translational augmentation), so voting, submissions and the service t
 Held-out tasks are genuinely new programs, guaranteed two ways:
 
 1. by composition: a held-out program is a two-step program whose ORDERED PAIR OF KINDS is in
-   :data:`HELDOUT_KIND_PAIRS`; training programs are single steps or two-step programs whose kind
+   :data:`HELDOUT_KIND_PAIRS` (or the ``heldout_kind_pairs`` asked for); training programs are single steps or two-step programs whose kind
    pair is not (so no held-out composition is ever seen in training);
 2. by behaviour: every program's fingerprint (its outputs on fixed probe grids) is recorded;
    a held-out program whose fingerprint equals that of any training program (a composition that
@@ -65,6 +65,10 @@ HELDOUT_KIND_PAIRS = frozenset({
     ("tile", "largest"), ("largest", "background"), ("background", "dihedral"), ("gravity", "dihedral"),
 })
 """Ordered (first step, second step) kind pairs that only held-out programs use."""
+
+COLOUR_KIND_PAIRS = frozenset((a, b) for a in ("recolour", "cycle", "background") for b in ("recolour", "cycle", "background") if a != b)
+"""An easier held-out family (tests' CI-sized proof): compositions of two colour maps, which no
+training program then composes (each is still a new colour map, checked by behaviour)."""
 
 TILES = ((1, 2), (2, 1), (2, 2))
 PROBE_SEED = 20251201
@@ -238,13 +242,30 @@ def _make_task(task_id: str, program: list[Step], rng: np.random.Generator, canv
     return SynthTask(ArcTask(task_id, pairs[:-tests], pairs[-tests:]), program, role)
 
 
+def check_kind_pairs(pairs: Any) -> frozenset[tuple[str, str]]:
+    """The held-out kind pairs as a frozenset; SynthError unless each is two different known kinds."""
+    try:
+        checked = frozenset((str(a), str(b)) for a, b in pairs)
+    except (TypeError, ValueError):
+        raise SynthError(f"heldout_kind_pairs must be (first kind, second kind) pairs, got {pairs!r}") from None
+    bad = sorted(p for p in checked if p[0] not in KINDS or p[1] not in KINDS or p[0] == p[1])
+    if not checked or bad:
+        raise SynthError(f"heldout_kind_pairs: need at least one pair of two different kinds of {', '.join(KINDS)}; "
+                         f"bad: {bad or 'none given'}")
+    return checked
+
+
 def generate_tasks(train_tasks: int, heldout_tasks: int, validation_tasks: int = 0, seed: int = 0, canvas: int = 8,
-                   min_side: int = 2, max_side: int = 4) -> list[SynthTask]:
+                   min_side: int = 2, max_side: int = 4,
+                   heldout_kind_pairs: Any = HELDOUT_KIND_PAIRS) -> list[SynthTask]:
     """Training, validation (training-family programs, evaluated on their tests) and held-out tasks.
 
-    A pure function of the arguments. Raises SynthError when the program space (distinct by
-    behaviour) is too small for the counts asked.
+    ``heldout_kind_pairs``: the ordered kind pairs only held-out programs use (default
+    :data:`HELDOUT_KIND_PAIRS`; e.g. the colour-only pairs of :data:`COLOUR_KIND_PAIRS` for an
+    easier held-out family). A pure function of the arguments. Raises SynthError when the program
+    space (distinct by behaviour) is too small for the counts asked.
     """
+    heldout_kind_pairs = check_kind_pairs(heldout_kind_pairs)
     if not 1 <= min_side <= max_side <= canvas <= 30:
         raise SynthError(f"need 1 <= min_side ({min_side}) <= max_side ({max_side}) <= canvas ({canvas}) <= 30")
     for name, value in (("train_tasks", train_tasks), ("heldout_tasks", heldout_tasks), ("validation_tasks", validation_tasks)):
@@ -255,7 +276,7 @@ def generate_tasks(train_tasks: int, heldout_tasks: int, validation_tasks: int =
     identity = fingerprint([], probes)
     seen: set[bytes] = {identity}
     out: list[SynthTask] = []
-    trained_pairs = [(a, b) for a in KINDS for b in KINDS if a != b and (a, b) not in HELDOUT_KIND_PAIRS]
+    trained_pairs = [(a, b) for a in KINDS for b in KINDS if a != b and (a, b) not in heldout_kind_pairs]
 
     def draw(role: str, count: int, prefix: str) -> None:
         made, misses = 0, 0
@@ -265,7 +286,7 @@ def generate_tasks(train_tasks: int, heldout_tasks: int, validation_tasks: int =
                 raise SynthError(f"only {made} distinct {role} programs found of the {count} asked; ask for fewer tasks "
                                  f"or a larger canvas/max_side")
             if role == "heldout":
-                pairs = sorted(HELDOUT_KIND_PAIRS)
+                pairs = sorted(heldout_kind_pairs)
                 kinds = pairs[int(rng.integers(len(pairs)))]
             elif rng.random() < 0.4:
                 kinds = (KINDS[int(rng.integers(len(KINDS)))],)
@@ -304,17 +325,19 @@ PROGRAMS_FILE = "programs.json"
 
 
 def build_arc_synth(out_dir: str | Path, train_tasks: int, heldout_tasks: int, validation_tasks: int = 8, aug: int = 8,
-                    seed: int = 0, canvas: int = 8, min_side: int = 2, max_side: int = 4) -> list[SynthTask]:
+                    seed: int = 0, canvas: int = 8, min_side: int = 2, max_side: int = 4,
+                    heldout_kind_pairs: Any = HELDOUT_KIND_PAIRS) -> list[SynthTask]:
     """Write the synthetic dataset (see the module docstring); deterministic. Returns the tasks."""
     if train_tasks < 1:
         raise SynthError(f"train_tasks must be >= 1, got {train_tasks}")
-    tasks = generate_tasks(train_tasks, heldout_tasks, validation_tasks, seed, canvas, min_side, max_side)
+    tasks = generate_tasks(train_tasks, heldout_tasks, validation_tasks, seed, canvas, min_side, max_side, heldout_kind_pairs)
     by_role: dict[str, list[ArcTask]] = {"train": [], "validation": [], "heldout": []}
     for t in tasks:
         by_role[t.role].append(t.task)
     out_dir = Path(out_dir)
     info = {"benchmark": "arc-synth", "train_tasks": train_tasks, "validation_tasks": validation_tasks,
-            "heldout_tasks": heldout_tasks, "canvas": canvas, "min_side": min_side, "max_side": max_side}
+            "heldout_tasks": heldout_tasks, "canvas": canvas, "min_side": min_side, "max_side": max_side,
+            "heldout_kind_pairs": sorted(check_kind_pairs(heldout_kind_pairs))}
     # No translational augmentation: on a canvas this small the shifted copies would crowd out the
     # programs a CPU-sized model can learn in minutes (ARC's own builds keep the reference's rule).
     build_arc_dataset(out_dir, by_role["train"], by_role["validation"], aug=aug, seed=seed, build_info=info,
@@ -329,5 +352,5 @@ def build_arc_synth(out_dir: str | Path, train_tasks: int, heldout_tasks: int, v
     return tasks
 
 
-__all__ = ["HELDOUT_KIND_PAIRS", "KINDS", "SynthError", "SynthTask", "apply_step", "build_arc_synth", "fingerprint",
+__all__ = ["COLOUR_KIND_PAIRS", "HELDOUT_KIND_PAIRS", "KINDS", "SynthError", "SynthTask", "apply_step", "build_arc_synth", "fingerprint",
            "generate_tasks", "run_program"]
