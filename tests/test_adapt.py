@@ -29,7 +29,7 @@ from trm.train.puzzle_table import grow_table
 
 pytestmark = pytest.mark.usefixtures("restore_rank_variables")
 
-SYNTH = dict(train_tasks=24, heldout_tasks=6, validation_tasks=2, aug=3, canvas=4, min_side=2, max_side=2, seed=0,
+SYNTH = dict(train_tasks=24, heldout_tasks=12, validation_tasks=2, aug=3, canvas=4, min_side=2, max_side=2, seed=0,
              heldout_kind_pairs=COLOUR_KIND_PAIRS)
 """The CI-sized synthetic family: 4x4 canvas of 2x2 grids, held-out programs composing two colour
 maps (an easier held-out family than the proof's, so that a CI-sized model shows the margin in pass@2)."""
@@ -38,10 +38,12 @@ MODEL = {"hidden_size": 32, "num_heads": 2, "expansion": 2, "H_cycles": 1, "L_cy
          "halt_max_steps": 2, "mlp_t": False, "pos_encodings": "rope", "puzzle_emb_len": 1, "puzzle_emb_ndim": 32,
          "forward_dtype": "float32"}
 QUIET = ["train.progress_bar=false", "train.plots=false"]
-MARGIN_ADAPT = ["adapt.train=full", "adapt.steps=100", "adapt.aug=3", "adapt.lr=1e-2", "adapt.puzzle_emb_lr=1e-1",
+MARGIN_ADAPT = ["adapt.train=full", "adapt.steps=300", "adapt.aug=3", "adapt.lr=1e-2", "adapt.puzzle_emb_lr=1e-1",
                 "adapt.ema=false", "adapt.checkpoint_interval=0", *QUIET]
-"""The margin test's adaptation: full, 100 steps, short enough for CI (no EMA: it would lag 100 steps)."""
-MARGIN_PASS2, MARGIN_EXACT = 0.3, 0.2
+"""The margin test's adaptation: full, 300 steps (about 7 s), short enough for CI (no EMA: it would lag)."""
+MARGIN_PASS2, MARGIN_EXACT = 0.25, 0.15
+"""Checked over 3 generator seeds x kernels auto|torch (docs/adapt.md): the worst of the six was
+pass@2 0 -> 0.375, exact 0 -> 0.278."""
 
 
 def _pretrain(root: Path) -> Path:
