@@ -1,6 +1,7 @@
-"""The tiny recipe's training options: Muon for the recursion's matrices (``train.optimizer: muon``),
-decaying deep-supervision weights (``train.deep_supervision_decay``) and the depth curriculum of
-configs/tiny.yaml.
+"""The tiny recipe's training options: Muon for the recursion's matrices (``train.optimizer: muon``)
+and decaying deep-supervision weights (``train.deep_supervision_decay``). The depth curriculum
+(``curriculum.stages[].L_cycles``) is tested in tests/test_curriculum.py; exact resume with Muon in
+tests/test_train.py.
 
 Run: ``python -m pytest tests/test_recipe_options.py -q`` (CPU, a few seconds).
 """
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 from trm.config import ConfigError, load_config
-from trm.data.curriculum import CurriculumSchedule
 from trm.model import act_loss, build_model
 from trm.train.optim import AdamATan2, MuonAdamATan2, build_optimizer, muon_param_groups, orthogonalize
 
