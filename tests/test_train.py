@@ -86,21 +86,31 @@ def test_tiny_run_writes_metrics_checkpoints_and_config(tmp_path, sudoku_dir):
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3, 6]
 
 
-def test_resume_after_kill_is_bit_identical(tmp_path, sudoku_dir):
-    """3N steps straight == N steps, kill -9, resume to 3N: params, optimizer, EMA, carry, metrics."""
-    train = {"max_steps": 12, "checkpoint_interval": 4, "eval_interval": 4}
+def _check_resume_after_kill(tmp_path, sudoku_dir, train: dict, last_step: int, kill_step: int) -> None:
     straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
     run_train(str(write_config(tmp_path / "a.yaml", straight_dir, sudoku_dir, train)))
 
     cfg_b = write_config(tmp_path / "b.yaml", killed_dir, sudoku_dir, train)
-    kill_at_checkpoint(cfg_b, killed_dir, 4)
+    kill_at_checkpoint(cfg_b, killed_dir, kill_step)
     latest = find_latest_checkpoint(killed_dir)
-    assert latest is not None and latest.name != "step_12", "the kill came too late to test anything"
+    assert latest is not None and latest.name != f"step_{last_step}", "the kill came too late to test anything"
 
     run_train(str(cfg_b), "mode=resume")
-    a, b = ckpt.step_dir(straight_dir, 12), ckpt.step_dir(killed_dir, 12)
+    a, b = ckpt.step_dir(straight_dir, last_step), ckpt.step_dir(killed_dir, last_step)
     _assert_identical(_checkpoint_state(a), _checkpoint_state(b), "final checkpoint")
     assert _metrics(straight_dir) == _metrics(killed_dir)
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, sudoku_dir):
+    """3N steps straight == N steps, kill -9, resume to 3N: params, optimizer, EMA, carry, metrics."""
+    _check_resume_after_kill(tmp_path, sudoku_dir, {"max_steps": 12, "checkpoint_interval": 4, "eval_interval": 4},
+                             last_step=12, kill_step=4)
+
+
+def test_resume_after_kill_is_bit_identical_with_muon(tmp_path, sudoku_dir):
+    """The same with train.optimizer=muon: its momentum buffers and lr ratio come back exactly."""
+    train = {"max_steps": 8, "checkpoint_interval": 4, "eval_interval": 0, "optimizer": "muon", "muon_lr": 3e-3}
+    _check_resume_after_kill(tmp_path, sudoku_dir, train, last_step=8, kill_step=4)
 
 
 def test_mode_new_refuses_existing_checkpoints_and_auto_resumes(tmp_path, sudoku_dir):

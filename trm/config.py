@@ -186,7 +186,16 @@ class TrainConfig:
     eval_batch_size: Optional[int] = None
     """Batch size for evaluation (default: the per-rank training batch)."""
     optimizer: str = "adam_atan2"
-    """Network optimizer: adam_atan2 | adamw (see ``trm.train.optim.OPTIMIZERS``)."""
+    """Network optimizer: adam_atan2 | adamw | muon (Muon on the recursion's 2-D weights, AdamATan2
+    on embeddings, heads and biases; see ``trm.train.optim.OPTIMIZERS``)."""
+    muon_lr: Optional[float] = None
+    """With optimizer muon: peak lr of the Muon matrices (None: lr), on the same schedule; the update
+    is scaled to an AdamW update's RMS, so it is on lr's scale."""
+    muon_momentum: float = 0.95
+    """With optimizer muon: momentum (Nesterov) of the Muon matrices."""
+    deep_supervision_decay: float = 1.0
+    """Weight of the training loss at supervision step s (1, 2, ...) of a sample: decay ** (s - 1)
+    (1.0: every step weighs the same, as published; < 1 weighs the first steps more)."""
     lr: float = 1e-4
     """Peak learning rate of the network."""
     lr_min_ratio: float = 1.0
@@ -424,13 +433,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE: tuple[str, ...] = (
     "model.hidden_size", "model.num_heads", "model.H_cycles", "model.L_cycles",
-    "model.L_layers", "model.halt_max_steps", "train.max_steps", "train.global_batch_size",
+    "model.L_layers", "model.halt_max_steps", "train.max_steps", "train.global_batch_size", "train.deep_supervision_decay",
     "train.log_interval", "serve.port", "serve.max_batch", "serve.poll_seconds", "serve.max_grids_per_request",
     "serve.max_body_bytes", "adapt.epochs", "adapt.global_batch_size", "adapt.time_limit_minutes",
 )
 NON_NEGATIVE: tuple[str, ...] = (
     "train.epochs", "train.eval_interval_epochs", "train.checkpoint_interval_epochs", "model.puzzle_emb_len", "model.puzzle_emb_ndim", "train.eval_interval",
-    "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.weight_decay",
+    "train.checkpoint_interval", "train.lr_warmup_steps", "train.lr", "train.muon_lr", "train.weight_decay",
     "train.puzzle_emb_lr", "train.puzzle_emb_weight_decay", "deepspeed.gradient_clipping",
     "adapt.steps", "adapt.aug", "adapt.lr", "adapt.lr_warmup_steps", "adapt.weight_decay", "adapt.puzzle_emb_lr",
     "adapt.puzzle_emb_weight_decay", "adapt.eval_interval", "adapt.checkpoint_interval",
@@ -530,7 +539,7 @@ def _check_values(cfg: DictConfig, source: str) -> None:
             f"model.mlp_t=true has no attention, so model.pos_encodings='rope' has nothing to "
             f"rotate (from {source}). Use pos_encodings: none (the published mlp_t recipe) or learned."
         )
-    for name in ("beta1", "beta2", "ema_rate", "lr_min_ratio"):
+    for name in ("beta1", "beta2", "ema_rate", "lr_min_ratio", "muon_momentum"):
         value = cfg.train[name]
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"Config key 'train.{name}' (from {source}) must be in [0, 1], got {value}.")

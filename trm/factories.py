@@ -24,7 +24,7 @@ from trm.data.format import DatasetError, build_hint
 from trm.data.puzzle_dataset import PuzzleDataset
 from trm.model import MODELS, build_model
 from trm.train.distributed import World, barrier
-from trm.train.optim import OPTIMIZERS, build_optimizer
+from trm.train.optim import OPTIMIZERS, build_optimizer, muon_param_groups
 
 DATASETS: dict[str, Callable[[Config, World], Any]] = {}
 DATASET_WRAPPERS: dict[str, Callable[[Any, Config, World], Any]] = {}
@@ -154,6 +154,17 @@ def build_trainer(cfg: Config, world: World, model, dataset, resume_from=None):
     return _lookup(TRAINERS, "trainer", cfg.trainer, "trainer")(cfg, world, model, dataset, resume_from)
 
 
+def build_network_optimizer(cfg: Config, model):
+    """The network optimizer of ``train.optimizer`` over ``model``'s parameters; ``muon`` gets
+    its parameter groups (``muon_param_groups``) and ``train.muon_lr`` / ``train.muon_momentum``."""
+    tc = cfg.train
+    common = dict(lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+    if tc.optimizer == "muon":
+        return build_optimizer("muon", muon_param_groups(model.named_parameters()), **common,
+                               muon_lr=tc.muon_lr, momentum=tc.muon_momentum)
+    return build_optimizer(tc.optimizer, model.parameters(), **common)
+
+
 def build_model_for(cfg: Config, model_dims: dict[str, int], world: World):
     """The configured model for a dataset's shape (``model.name`` looked up in MODELS)."""
     _lookup(MODELS, "model", cfg.model.name, "model.name")
@@ -163,4 +174,5 @@ def build_model_for(cfg: Config, model_dims: dict[str, int], world: World):
 
 
 __all__ = ["DATASETS", "DATASET_WRAPPERS", "TRAINERS", "MODELS", "OPTIMIZERS", "register_dataset",
-           "register_dataset_wrapper", "register_trainer", "build_dataset", "build_trainer", "build_model", "build_model_for", "build_optimizer"]
+           "register_dataset_wrapper", "register_trainer", "build_dataset", "build_trainer", "build_model", "build_model_for", "build_optimizer",
+           "build_network_optimizer"]

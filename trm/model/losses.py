@@ -6,6 +6,9 @@ batch (the trainer divides by the global batch size before backward)::
     total = lm_loss + 0.5 * (q_halt_loss + q_continue_loss)
     q_halt_loss = BCEWithLogits(q_halt, every supervised token's argmax is right, sum)
 
+With ``deep_supervision_decay`` d, each sequence's lm and q_halt terms in ``total`` are multiplied
+by d ** (s - 1), s = its supervision step (1, 2, ...); the lm_loss / q_halt_loss metrics stay unweighted.
+
 Metrics are SUMS over the slots that halted this step (divide by ``count`` to report).
 """
 
@@ -26,7 +29,7 @@ TOKEN_LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def act_loss(outputs: dict[str, torch.Tensor], labels_BS: torch.Tensor, halted_B: torch.Tensor,
-             steps_B: torch.Tensor, loss_type: str = "stablemax_cross_entropy"):
+             steps_B: torch.Tensor, loss_type: str = "stablemax_cross_entropy", deep_supervision_decay: float = 1.0):
     """Return ``(total_loss, metrics)`` for one supervision step; metrics are detached sums."""
     logits = outputs["logits"]
     mask = labels_BS != IGNORE_LABEL_ID
@@ -44,10 +47,15 @@ def act_loss(outputs: dict[str, torch.Tensor], labels_BS: torch.Tensor, halted_B
             "steps": torch.where(valid_B, steps_B, 0).sum(),
         }
     token_loss = TOKEN_LOSSES[loss_type](logits, labels_BS, ignore_index=IGNORE_LABEL_ID)
-    lm_loss = (token_loss.sum(-1) / divisor_B).sum().to(torch.float32)
+    lm_loss_B = token_loss.sum(-1) / divisor_B
+    lm_loss = lm_loss_B.sum().to(torch.float32)
     q_halt = outputs["q_halt_logits"]
     q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, seq_correct_B.to(q_halt.dtype), reduction="sum")
     total = lm_loss + 0.5 * q_halt_loss
+    if deep_supervision_decay != 1.0:
+        weight_B = deep_supervision_decay ** (steps_B.to(torch.float32) - 1)
+        q_halt_loss_B = F.binary_cross_entropy_with_logits(q_halt, seq_correct_B.to(q_halt.dtype), reduction="none")
+        total = (weight_B * (lm_loss_B.to(torch.float32) + 0.5 * q_halt_loss_B)).sum()
     metrics["lm_loss"] = lm_loss.detach()
     metrics["q_halt_loss"] = q_halt_loss.detach()
     if "target_q_continue" in outputs:

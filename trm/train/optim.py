@@ -6,6 +6,9 @@ client optimizer. The puzzle-embedding table is not a parameter of the network:
 it lives outside the engine and is updated by :class:`PuzzleEmbeddingSignSGD`,
 touching only the rows used by this step's global batch.
 
+:class:`MuonAdamATan2` (``train.optimizer: muon``) runs Muon on the recursion's matrices and
+AdamATan2 on the rest (:func:`muon_param_groups`).
+
 Optimisers are built by name from the config through :func:`build_optimizer`;
 :func:`register_optimizer` adds a name to :data:`OPTIMIZERS`.
 
@@ -163,9 +166,13 @@ class AdamATan2(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = self._collect_group(group)
-            if not params:
-                continue
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """The AdamATan2 update of one parameter group."""
+        params, grads, exp_avgs, exp_avg_sqs, steps = self._collect_group(group)
+        if params:
             foreach = group["foreach"]
             if foreach is None:
                 foreach = True
@@ -182,7 +189,107 @@ class AdamATan2(torch.optim.Optimizer):
                 beta2=beta2,
                 weight_decay=group["weight_decay"],
             )
-        return loss
+
+
+MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""(a, b, c) of the quintic Newton-Schulz iteration (Keller Jordan's Muon; ``torch.optim.Muon``'s defaults)."""
+
+
+def orthogonalize(matrix: Tensor, ns_steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately ``U V^T`` of ``matrix = U S V^T``: ``ns_steps`` quintic Newton-Schulz iterations
+    in the matrix's dtype (float32 here; ``torch.optim.Muon`` runs them in bfloat16)."""
+    a, b, c = MUON_NS_COEFFICIENTS
+    wide = matrix.T if matrix.size(0) > matrix.size(1) else matrix
+    x = wide / wide.norm().clamp_min(eps)
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = a * x + torch.addmm(gram, gram, gram, beta=b, alpha=c) @ x
+    return x.T if matrix.size(0) > matrix.size(1) else x
+
+
+def muon_param_groups(named_parameters: Iterable[tuple[str, Tensor]]) -> list[dict[str, Any]]:
+    """Split a model's parameters for :class:`MuonAdamATan2`: the 2-D weights of the recursion
+    (names containing ``L_level.``: the attention / MLP / token-mixing matrices) go to Muon; the
+    token and position embeddings, the output heads, norms and biases stay on AdamATan2."""
+    matrices, others = [], []
+    for name, param in named_parameters:
+        (matrices if param.ndim == 2 and "L_level." in name else others).append(param)
+    return [{"params": matrices, "muon": True}, {"params": others, "muon": False}]
+
+
+@register_optimizer("muon")
+class MuonAdamATan2(AdamATan2):
+    r"""Muon for the parameter groups flagged ``"muon": True``, AdamATan2 for the others.
+
+    Per matrix ``p`` (shape ``A x B``) of a Muon group, with gradient ``g`` and ``lr_muon = lr * lr_ratio``
+    (``lr`` is the group's scheduled learning rate, ``lr_ratio = muon_lr / lr`` fixed at construction)::
+
+        m = lerp(m, g, 1 - momentum)                  # momentum buffer
+        u = lerp(g, m, momentum)                      # Nesterov
+        p *= 1 - lr_muon * weight_decay
+        p -= lr_muon * 0.2 * sqrt(max(A, B)) * orthogonalize(u)
+
+    The ``0.2 * sqrt(max(A, B))`` factor gives the update the RMS of an AdamW update (Moonshot's
+    scaling, ``torch.optim.Muon(adjust_lr_fn="match_rms_adamw")``), so ``muon_lr`` is on the same
+    scale as ``lr``. Build the groups with :func:`muon_param_groups`.
+
+    Args:
+        params: parameter groups, at least one with ``"muon": True``.
+        lr, betas, weight_decay, foreach: as :class:`AdamATan2` (``weight_decay`` applies to both).
+        muon_lr: peak learning rate of the Muon groups (None: ``lr``).
+        momentum: Muon momentum.
+        ns_steps: Newton-Schulz iterations per update.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        *,
+        muon_lr: float | None = None,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        foreach: bool | None = None,
+    ) -> None:
+        groups = [dict(group) if isinstance(group, dict) else group for group in params]
+        if not all(isinstance(group, dict) for group in groups) or not any(group.get("muon") for group in groups):
+            raise ValueError("the muon optimizer needs parameter groups with 'muon': True for the matrices; "
+                             "build them with trm.train.optim.muon_param_groups(model.named_parameters())")
+        if not lr > 0.0:
+            raise ValueError(f"invalid learning rate for muon: {lr} (must be > 0: the Muon groups' lr is a multiple of it)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"invalid momentum: {momentum} (must be in [0, 1))")
+        muon_lr = lr if muon_lr is None else muon_lr
+        for group in groups:
+            group.setdefault("muon", False)
+            if group["muon"]:
+                for param in group["params"]:
+                    if param.ndim != 2:
+                        raise ValueError(f"Muon updates 2-D matrices only; got a parameter of shape {tuple(param.shape)}")
+                group.update(lr_ratio=muon_lr / lr, momentum=momentum, ns_steps=ns_steps)
+        super().__init__(groups, lr=lr, betas=betas, weight_decay=weight_decay, foreach=foreach)
+
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """Muon for a ``"muon"`` group, else AdamATan2."""
+        if not group["muon"]:
+            super()._step_group(group)
+            return
+        lr = float(group["lr"]) * group["lr_ratio"]
+        momentum = group["momentum"]
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            buffer = state["momentum_buffer"]
+            buffer.lerp_(param.grad, 1.0 - momentum)
+            update = orthogonalize(param.grad.lerp(buffer, momentum), group["ns_steps"])
+            if group["weight_decay"] != 0.0:
+                param.mul_(1.0 - lr * group["weight_decay"])
+            param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
 
 
 def _adam_atan2_loop(

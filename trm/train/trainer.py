@@ -39,7 +39,7 @@ from trm.train import checkpoint as ckpt
 from trm.train.distributed import World, all_gather_cat, all_reduce_sum, barrier
 from trm.train.ema import EMA
 from trm.train.metrics import MetricsLog, Throughput, grad_norm_before_step, grad_norm_metrics
-from trm.train.optim import PuzzleEmbeddingSignSGD, build_optimizer
+from trm.train.optim import PuzzleEmbeddingSignSGD
 from trm.train.puzzle_table import ShardedPuzzleTable
 from trm.train.runtime import describe_run
 from trm.train.schedule import lr_at
@@ -168,7 +168,9 @@ class Trainer:
         self.puzzle_table = None
         if tc.shard_puzzle_table and model.puzzle_emb is not None:
             self.puzzle_table = ShardedPuzzleTable(model.puzzle_emb, world)
-        optimizer = build_optimizer(tc.optimizer, model.parameters(), lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay)
+        from trm.factories import build_network_optimizer
+
+        optimizer = build_network_optimizer(cfg, model)
         self.resume_from = resume_from
         ds_config = deepspeed_config(cfg, world)
         if resume_from is not None and self._prepare_universal(resume_from):
@@ -263,7 +265,7 @@ class Trainer:
             self.carry, outputs = self.engine(self.carry, batch, exploration=self._exploration_draws())
             self.throughput.count_step()               # FLOPs at this stage's depth (perf/mfu)
         loss, metrics = act_loss(outputs, self.carry.current_data["labels"], self.carry.halted,
-                                 self.carry.steps, self.cfg.model.loss_type)
+                                 self.carry.steps, self.cfg.model.loss_type, self.cfg.train.deep_supervision_decay)
         if not self._finite_everywhere(loss):
             return metrics
         self.engine.backward(loss / self.local_batch)
