@@ -227,6 +227,17 @@ def restore_rank_variables():
             os.environ[name] = value
 
 
+@pytest.fixture(autouse=True)
+def restore_kernel_backend():
+    """In-process trainers set the global op backend (``kernels``, default auto), also from
+    module-scoped fixtures; after every test the library's default (torch, no per-op overrides)
+    is back, so that no test inherits the kernels of an earlier one."""
+    from trm.ops import dispatch
+
+    yield
+    dispatch._restore("torch", {})
+
+
 def run_train(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m trm.train ARGS`` in a subprocess (one process, CPU, two threads)."""
     proc = subprocess.run([sys.executable, "-m", "trm.train", *args], cwd=REPO, env=subprocess_env(),

