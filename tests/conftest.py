@@ -142,8 +142,6 @@ def kernel_baselines(tmp_path, monkeypatch):
     ones are never edited by a test): ``write({(backend, op): speedup}, device)`` records one for
     ``device`` (key ``trm.ops.baselines.device_key``) with a fwd+bwd entry per (backend, op);
     ``write(BACKED, device)`` backs every candidate of ``AUTO_ORDER`` there."""
-    import json
-
     from trm.ops import baselines
 
     folder = tmp_path / "kernel-baselines"
@@ -152,14 +150,7 @@ def kernel_baselines(tmp_path, monkeypatch):
     baselines.forget()
 
     def write(speedups, device="cpu", key=None):
-        from trm.ops import dispatch
-
-        if speedups is BACKED:
-            dev = torch.device(device).type
-            speedups = {(b, op): 2.0 for op, order in dispatch.AUTO_ORDER.items() for b in order.get(dev, ())}
-        entries = {f"{op}/fwd+bwd/{backend}/float32/test": {"speedup": s} for (backend, op), s in speedups.items()}
-        path = folder / f"{key or baselines.device_key(device)}.json"
-        path.write_text(json.dumps({"device": path.stem, "benchmarks": entries}))
+        path = write_kernel_baseline(folder, speedups, device, key)
         baselines.forget()
         return path
 
@@ -169,6 +160,24 @@ def kernel_baselines(tmp_path, monkeypatch):
 
 
 BACKED = object()   # kernel_baselines(BACKED): a baseline backing every auto candidate
+
+
+def write_kernel_baseline(folder: Path, speedups, device="cpu", key=None) -> Path:
+    """Write ``folder/<key>.json`` (key: ``trm.ops.baselines.device_key(device)`` unless given) with a
+    fwd+bwd entry per (backend, op) of ``speedups``; ``BACKED`` backs every candidate of
+    ``AUTO_ORDER`` on that device type at 2.0x. For tests that must not depend on which CPU model
+    runs them (the committed baselines cover the machines they were measured on only)."""
+    import json
+
+    from trm.ops import baselines, dispatch
+
+    if speedups is BACKED:
+        dev = torch.device(device).type
+        speedups = {(b, op): 2.0 for op, order in dispatch.AUTO_ORDER.items() for b in order.get(dev, ())}
+    entries = {f"{op}/fwd+bwd/{backend}/float32/test": {"speedup": s} for (backend, op), s in speedups.items()}
+    path = Path(folder) / f"{key or baselines.device_key(device)}.json"
+    path.write_text(json.dumps({"device": path.stem, "benchmarks": entries}))
+    return path
 
 
 def proves_kernels_ran(backend, op: str, file: str, *kernels: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RANK_VARS, REPO
+from conftest import BACKED, RANK_VARS, REPO, write_kernel_baseline
 
 SCRIPT = REPO / "benchmarks" / "device_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -32,7 +32,14 @@ def _run(root: Path, *stages, **env):
 def dry_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """Every default stage in dry mode (the gpu tests narrowed to one file's opchecks)."""
     root = tmp_path_factory.mktemp("device_check")
-    proc = _run(root, TRM_DC_DRY="1", TRM_DC_TESTS_ARGS="tests/test_ops_cuda_build.py -k 'opcheck and not adam'")
+    # What the bench stage records on a GPU before train (in dry mode it only collects): a baseline
+    # backing the CPU kernels for this CPU model at the dry run's one thread, so that train's
+    # kernels=auto runs them on whichever machine runs this test.
+    from trm.ops import baselines
+    planted = root / "kernel-baselines"
+    planted.mkdir()
+    write_kernel_baseline(planted, BACKED, "cpu", key=f"{baselines._cpu_prefix()}-1t")
+    proc = _run(root, TRM_DC_DRY="1", TRM_KERNEL_BASELINES=str(planted), TRM_DC_TESTS_ARGS="tests/test_ops_cuda_build.py -k 'opcheck and not adam'")
     return root, proc
 
 

@@ -35,7 +35,8 @@ def test_a_run_says_once_what_runs_and_where_its_outputs_went(first_run, sudoku_
                  f"data {sudoku_dir} (80 training / 12 held-out examples, seq_len 81)", "no MFU"):
         assert part in start, (part, start)
     # the default kernels=auto, in a few words: the kernels its baselines back, else why none
-    assert re.search(r" · kernels=auto: (cpu: [a-z_, ]+; the rest the reference|the reference \(no baseline [^)]*\)) · ",
+    assert re.search(r" · kernels=auto: (cpu: [a-z_, ]+; the rest the reference"
+                     r"|the reference \(no baseline for cpu-[a-z0-9-]+ in [^;]+; trm\.ops\.describe\(\) says more\)) · ",
                      start), start
     assert "evaluate" in proc.stderr  # the final evaluation's progress bar (2 batches of 4)
     tail = proc.stdout.splitlines()[-12:]

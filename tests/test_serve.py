@@ -355,14 +355,18 @@ def test_newer_checkpoint_is_swapped_in_mid_traffic_without_a_failed_request(ser
     assert (served.run_dir / "checkpoints" / "step_6" / "export" / "model.safetensors").is_file()
 
 
-def test_kernels_that_cannot_run_here_fall_back_to_auto_and_say_why(served, monkeypatch, capsys):
+def test_kernels_that_cannot_run_here_fall_back_to_auto_and_say_why(served, monkeypatch, capsys, kernel_baselines):
     """A run trained with kernels=cuda, served where the CUDA kernels cannot run (planted: every
     machine reads as one without them): the service names the reason, switches to auto, whose
-    native kernels then answer like the PyTorch reference; a backend that can run is kept."""
+    native kernels then answer like the PyTorch reference; a backend that can run is kept. A
+    baseline backing the CPU kernels is planted: the committed ones cover only the CPU models they
+    were measured on, and on another model auto would (rightly) run the reference."""
+    from conftest import BACKED
     from trm import ops
     from trm.ops import counters, dispatch
     from trm.serve.solver import set_kernels
 
+    kernel_baselines(BACKED)
     real_available = dispatch.available
     monkeypatch.setattr(dispatch, "available",
                         lambda name: (False, "planted: no CUDA device") if name == "cuda" else real_available(name))
