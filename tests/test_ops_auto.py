@@ -178,7 +178,7 @@ def test_explicit_backends_say_what_runs():
     ops.set_backend("cpu")
     said = ops.describe()
     assert said["rms_norm"]["cpu"] == "cpu kernel: kernels=cpu" and said["attention"]["cpu"] == "reference: cpu has no attention kernel"
-    assert dispatch.summary("cpu").startswith("cpu: adam_atan2, rms_norm")
+    assert dispatch.summary("cpu").startswith("cpu: adam_atan2, linear, rms_norm")
 
 
 def test_a_gpu_trace_uses_what_eager_auto_chose(monkeypatch):

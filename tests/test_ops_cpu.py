@@ -283,6 +283,126 @@ def test_swiglu_non_contiguous_and_routing():
 
 
 # ---------------------------------------------------------------------------------------------
+# Linear (oneDNN's GEMMs, trm/ops/native/linear.py)
+# ---------------------------------------------------------------------------------------------
+
+LINEAR_CASES = {                      # name -> (x shape, out features, bias, x a transposed view)
+    "hidden 5x81x128->128": ((5, 81, 128), 128, False, False),
+    "mlp_t 4x128x81->64 (seq axis view)": ((4, 128, 81), 64, False, True),
+    "bias 3x7x12->5": ((3, 7, 12), 5, True, False),
+    "vector 12->5": ((12,), 5, True, False),
+}
+
+
+def linear_numerics(x_shape, n_out, bias, strided):
+    """Forward and the three gradients of the cpu linear under the error rule (fp32, no floor
+    beyond one ulp at the output's scale)."""
+    g = fresh_gen()
+    K = x_shape[-1]
+    if strided:                        # mlp_t: x is the (B, D, L) view of a contiguous (B, L, D) tensor
+        x = randn((x_shape[0], x_shape[2], x_shape[1]), g, "cpu").transpose(1, 2)
+    else:
+        x = randn(x_shape, g, "cpu")
+    w = randn((n_out, K), g, "cpu", scale=K ** -0.5)
+    b = randn((n_out,), g, "cpu") if bias else None
+    runs = {}
+    for name, fn, cast in (("kernel", native.IMPLS_CPU["linear"], torch.float32),
+                           ("plain", reference.linear, torch.float32), ("fp64", reference.linear, torch.float64)):
+        leaves = [t.detach().to(cast).requires_grad_(True) if t is not None else None for t in (x, w, b)]
+        runs[name] = (fn(*leaves), leaves)
+    y = runs["kernel"][0]
+    assert y.dtype == torch.float32 and y.shape == (*x_shape[:-1], n_out)
+    ref = runs["fp64"][0].detach()
+    assert_error_rule(y.detach(), runs["plain"][0].detach(), ref, "linear fwd", ulp_floor(torch.float32, ref))
+    dy = randn(y.shape, g, "cpu")
+    for out, _ in runs.values():
+        out.backward(dy.to(out.dtype))
+    for i, what in enumerate(("x", "weight", "bias")):
+        if i == 2 and not bias:
+            continue
+        kg, pg, fg = (runs[n][1][i].grad for n in ("kernel", "plain", "fp64"))
+        assert kg.shape == (x, w, b)[i].shape
+        assert_error_rule(kg, pg, fg, f"linear grad {what}", ulp_floor(torch.float32, fg))
+
+
+check_linear = proves_kernels_ran("cpu", "linear", "linear", "onednn_fwd", "onednn_dgrad")(linear_numerics)
+
+
+@pytest.mark.parametrize("case", sorted(LINEAR_CASES))
+def test_linear(case):
+    check_linear(*LINEAR_CASES[case])
+
+
+def test_a_planted_0_1_percent_error_in_the_linear_kernels_fails_its_test(monkeypatch):
+    """The check above catches a GEMM that is 0.1% off, in the forward and in the input gradient."""
+    from trm.ops.native import linear as native_linear
+
+    real = native_linear._gemm
+    for wrong in ("onednn_fwd", "onednn_dgrad"):
+        monkeypatch.setattr(native_linear, "_gemm", lambda a, w, b, what, wrong=wrong: real(a, w, b, what) * (
+            1.001 if what == wrong else 1.0))
+        with pytest.raises(AssertionError, match="kernel err"):
+            check_linear(*LINEAR_CASES["hidden 5x81x128->128"])
+    monkeypatch.setattr(native_linear, "_gemm", real)
+    check_linear(*LINEAR_CASES["hidden 5x81x128->128"])
+
+
+@pytest.mark.parametrize("x_shape, n_out, ran", [
+    ((5, 81, 128), 1024, {"onednn_fwd"}),          # gate|up: the input gradient sums 1024 terms
+    ((5, 81, 512), 128, {"onednn_dgrad"}),         # down: the forward sums 512 terms
+    ((5, 81, 256), 512, set()),                    # both over 128: the reference, said as a fallback
+], ids=["gate_up", "down", "wide"])
+def test_linear_leaves_dot_products_over_128_terms_to_mkl(x_shape, n_out, ran):
+    """oneDNN's single-pass sums over more than MAX_INNER terms have 1.5-2.7x MKL's max error, over
+    the error rule: those GEMMs run MKL's (the reference's), and the layer stays within the rule."""
+    from trm.ops.native import linear as native_linear
+
+    assert native_linear.MAX_INNER == 128
+    with counters.record() as seen:
+        linear_numerics(x_shape, n_out, False, False)
+    assert {k.split("/")[1] for k in seen.kernels("cpu")} == ran, seen
+    assert bool(seen.fell_back("cpu", "linear")) == (not ran), seen
+
+
+def test_linear_gradients_are_computed_only_where_asked():
+    """The model's frozen input (the embeddings' output under no grad) and a frozen weight."""
+    fn = native.IMPLS_CPU["linear"]
+    x, w = torch.randn(6, 16), torch.randn(8, 16, requires_grad=True)
+    with counters.record() as seen:
+        fn(x, w).sum().backward()
+    assert seen.ran("cpu", "linear", "onednn_fwd") and not seen.ran("cpu", "linear", "onednn_dgrad")
+    torch.testing.assert_close(w.grad, torch.ones(6, 8).t() @ x)
+    x.requires_grad_(True)
+    w2 = w.detach()
+    with counters.record() as seen:
+        fn(x, w2).sum().backward()
+    assert seen.ran("cpu", "linear", "onednn_dgrad")
+    torch.testing.assert_close(x.grad, torch.ones(6, 8) @ w2)
+
+
+@pytest.mark.parametrize("what", ["float64", "float16", "bfloat16", "empty", "no features"])
+def test_linear_routes_unsupported_inputs_to_the_reference_and_says_so(what):
+    fn = native.IMPLS_CPU["linear"]
+    x, w = torch.randn(3, 4, 16), torch.randn(5, 16)
+    if what in ("float64", "float16", "bfloat16"):
+        x, w = x.to(getattr(torch, what)), w.to(getattr(torch, what))
+    elif what == "empty":
+        x = torch.randn(0, 4, 16)
+    else:
+        x, w = torch.randn(3, 0), torch.randn(5, 0)
+    with counters.record() as seen:
+        y = fn(x, w)
+    assert not seen.launches and seen.fell_back("cpu", "linear"), seen
+    assert torch.equal(y, reference.linear(x, w))
+
+
+def test_linear_with_mixed_dtypes_raises_as_the_reference_does():
+    with counters.record() as seen, pytest.raises(RuntimeError):
+        native.IMPLS_CPU["linear"](torch.randn(3, 16), torch.randn(5, 16, dtype=torch.float64))
+    assert seen.fell_back("cpu", "linear") and not seen.launches
+
+
+# ---------------------------------------------------------------------------------------------
 # Stablemax cross-entropy
 # ---------------------------------------------------------------------------------------------
 
@@ -547,8 +667,8 @@ def test_status_and_availability():
     ok, reason = native.available_cuda()
     if not torch.cuda.is_available():
         assert not ok and reason
-    assert set(native.IMPLS_CPU) == set(native.IMPLS_CUDA) == {"rms_norm", "swiglu", "stablemax_cross_entropy",
-                                                               "adam_atan2"}
+    assert set(native.IMPLS_CUDA) == {"rms_norm", "swiglu", "stablemax_cross_entropy", "adam_atan2"}
+    assert set(native.IMPLS_CPU) == set(native.IMPLS_CUDA) | {"linear"}     # linear: oneDNN, CPU only
 
 
 def test_failed_build_is_reported_not_raised(tmp_path):

@@ -109,6 +109,26 @@ def test_a_planted_wrong_cpu_kernel_is_refused_with_a_reason(monkeypatch, plant,
     assert not seen.launches and torch.equal(y, reference.rms_norm(x, EPS))
 
 
+@pytest.mark.parametrize("plant, named", [
+    (dict(gradient=True), "float32, x @ W^T: gradient of input 0"),
+    (dict(when=lambda x, *a: not x.is_contiguous()), "float32, mlp_t sequence axis (strided view): output 0"),
+], ids=["gradient-only", "mlp_t-layout-only"])
+def test_a_planted_wrong_linear_kernel_is_refused_with_a_reason(monkeypatch, plant, named):
+    """The oneDNN linear: verified in the layouts the model feeds it (float32; the other dtypes
+    run the reference, recorded as such), and refused when one of them is off by 0.1%."""
+    choice, _ = _auto_choice("linear")
+    cases = verify.report()[("cpu", "linear", "cpu")]["cases"]
+    assert choice == "cpu" and cases["float32, mlp_t sequence axis (strided view)"] == "kernel", cases
+    assert cases["bfloat16, x @ W^T"] == "reference runs", cases
+    verify.forget()
+    monkeypatch.setitem(native.IMPLS_CPU, "linear", _wrong(native.IMPLS_CPU["linear"], **plant))
+    choice, said = _auto_choice("linear")
+    assert choice == "torch"
+    reason = verify.report()[("cpu", "linear", "cpu")]["refused"]
+    assert reason.startswith(named) and "> bound" in reason, reason
+    assert any("'auto' refuses the cpu linear kernel on cpu" in m for m in said), said
+
+
 def test_a_kernel_that_raises_is_refused(monkeypatch):
     def broken(logits, labels, ignore_index=-100):
         counters.launched("cpu", "stablemax_ce/stablemax_ce_fwd")

@@ -53,7 +53,7 @@ class CastedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        return ops.linear(x, self.weight.to(x.dtype), bias)
 
 
 class CastedEmbedding(nn.Module):

@@ -18,6 +18,7 @@ Where an op lives (one home per op; paths under ``trm/ops/`` and ``csrc/``; ever
     attention                -                        triton/attention.py     triton/attention.py
     stablemax_cross_entropy  native/stablemax_ce.py   triton/stablemax_ce.py  {cpu,cuda,triton}/stablemax_ce.*
     adam_atan2               native/adam_atan2.py     triton/adam_atan2.py    {cpu,cuda,triton}/adam_atan2.*
+    linear                   native/linear.py         -                       oneDNN's (torch's CPU build), CPU only
 
 The glue module of an op holds its launcher(s), its autograd (a ``torch.autograd.Function`` for
 Triton; ``torch.library`` fake + autograd registrations for the native ``torch.ops.trm.*``) and
@@ -38,6 +39,7 @@ from trm.ops.dispatch import (
     apply_rope,
     attention,
     get_backend,
+    linear,
     log_stablemax,
     rms_norm,
     set_backend,
@@ -55,6 +57,7 @@ __all__ = [
     "apply_rope",
     "attention",
     "get_backend",
+    "linear",
     "log_stablemax",
     "rms_norm",
     "set_backend",

@@ -45,7 +45,7 @@ log = logging.getLogger("trm.ops")
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 NATIVE_BACKENDS = ("cuda", "triton", "cpu")
-OPS = ("adam_atan2", "apply_rope", "attention", "log_stablemax", "rms_norm", "softmax_cross_entropy",
+OPS = ("adam_atan2", "apply_rope", "attention", "linear", "log_stablemax", "rms_norm", "softmax_cross_entropy",
        "stablemax_cross_entropy", "swiglu")
 
 # auto: the candidates per op and device type, preferred first (anything not listed runs the
@@ -57,6 +57,7 @@ AUTO_ORDER: dict[str, dict[str, tuple[str, ...]]] = {
     "rms_norm": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
     "stablemax_cross_entropy": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
     "swiglu": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
+    "linear": {"cpu": ("cpu",)},      # oneDNN's GEMMs (trm/ops/native/linear.py); cuBLAS on a GPU is F.linear's
     "apply_rope": {"cuda": ("triton",)},
     "adam_atan2": {"cpu": ("cpu",), "cuda": _ROWWISE_GPU},
     "attention": {"cuda": ("triton",)},
@@ -351,6 +352,11 @@ def stablemax_cross_entropy(logits_BLV: torch.Tensor, labels_BL: torch.Tensor,
                             ignore_index: int = reference.IGNORE_LABEL_ID) -> torch.Tensor:
     """Per-token ``-log stablemax(logits)[label]`` (float64 result); 0 where the label is ignored."""
     return _select("stablemax_cross_entropy", logits_BLV)(logits_BLV, labels_BL, ignore_index)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` (``F.linear``): every linear layer of the model."""
+    return _select("linear", x)(x, weight, bias)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

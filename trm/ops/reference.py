@@ -26,6 +26,11 @@ def rms_norm(x: torch.Tensor, eps: float, dim: int = -1, residual: torch.Tensor 
     return (s32 * torch.rsqrt(s32.square().mean(dim, keepdim=True) + eps)).to(x.dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T (+ bias)`` over the last axis of ``x`` (``F.linear``; weight [N, K], bias [N])."""
+    return F.linear(x, weight, bias)
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` where ``gate, up = gate_up.chunk(2, -1)`` (first half is the gate)."""
     gate, up = gate_up.chunk(2, dim=-1)

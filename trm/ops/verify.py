@@ -7,6 +7,7 @@ every layout the model uses, forward and gradient:
     rms_norm                 last axis; last axis + residual; mlp_t's sequence axis (a strided
                              view) + residual; a middle axis; forward only (no grad)
     swiglu                   packed [gate, up]; forward only
+    linear                   x @ W^T; with a bias; mlp_t's sequence axis (a strided view); forward only
     stablemax_cross_entropy  int64 labels with ignored positions; int32 labels
     apply_rope               q and k as views of a packed qkv, fp32 tables
     attention                [B, L, H, K] views of a packed qkv, head dim 32
@@ -76,6 +77,14 @@ def _swiglu_cases():
     yield "forward only", lambda g: ((_randn(g, 3, 7, 48, scale=2.0),), ())
 
 
+def _linear_cases():
+    yield "x @ W^T", lambda g: ((_randn(g, 3, 7, 48), _randn(g, 20, 48, scale=0.15), None), (0, 1))
+    yield "x @ W^T + bias", lambda g: ((_randn(g, 3, 7, 48), _randn(g, 20, 48, scale=0.15), _randn(g, 20)), (0, 1, 2))
+    yield "mlp_t sequence axis (strided view)", lambda g: (
+        (_randn(g, 2, 9, 16).transpose(1, 2), _randn(g, 24, 9, scale=0.3), None), (0, 1))
+    yield "forward only", lambda g: ((_randn(g, 3, 7, 48), _randn(g, 20, 48, scale=0.15), None), ())
+
+
 def _stablemax_cases():
     def labels(g, dtype):
         lab = torch.randint(0, 11, (3, 7), generator=g)
@@ -108,7 +117,7 @@ def _attention_cases():
 
 
 CASES: dict[str, Callable[[], Iterator]] = {
-    "rms_norm": _rms_cases, "swiglu": _swiglu_cases, "stablemax_cross_entropy": _stablemax_cases,
+    "rms_norm": _rms_cases, "swiglu": _swiglu_cases, "linear": _linear_cases, "stablemax_cross_entropy": _stablemax_cases,
     "apply_rope": _rope_cases, "attention": _attention_cases,
 }
 FLOAT_ARGS = {"apply_rope": (0, 1)}  # only these float args take the case's dtype (rope tables stay fp32)

@@ -9,6 +9,7 @@ extension and runs the registrations and self-checks (importing this package bui
     swiglu                    swiglu.py         cpu/swiglu.cpp        cuda/swiglu.cu
     stablemax_cross_entropy   stablemax_ce.py   cpu/stablemax_ce.cpp  cuda/stablemax_ce.cu
     adam_atan2                adam_atan2.py     cpu/adam_atan2.cpp    cuda/adam_atan2.cu
+    linear                    linear.py         oneDNN's GEMMs via torch.ops.mkldnn (CPU only)
 
 The dispatcher (``trm.ops.dispatch``) uses ``IMPLS_CPU`` / ``IMPLS_CUDA``: op name -> front door.
 Each front door runs the kernel for the inputs it supports (float32/float16/bfloat16 tensors on
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from trm.ops.native import adam_atan2, rms_norm, stablemax_ce, swiglu
+from trm.ops.native import adam_atan2, linear, rms_norm, stablemax_ce, swiglu
 from trm.ops.native.loader import (
     CSRC,
     FLOAT_DTYPES,
@@ -36,11 +37,12 @@ from trm.ops.native.loader import (
     status,
 )
 
-OP_MODULES = (rms_norm, swiglu, stablemax_ce, adam_atan2)
+OP_MODULES = (rms_norm, swiglu, stablemax_ce, adam_atan2, linear)
 # every torch.ops.trm op (csrc/trm_ops.cpp declares exactly these)
 NATIVE_OPS = tuple(kernel for module in OP_MODULES for kernel in module.KERNELS)
 IMPLS_CPU: dict[str, Callable] = {module.OP: module.make("cpu") for module in OP_MODULES}
-IMPLS_CUDA: dict[str, Callable] = {module.OP: module.make("cuda") for module in OP_MODULES}
+IMPLS_CUDA: dict[str, Callable] = {module.OP: module.make("cuda") for module in OP_MODULES
+                                   if "cuda" in getattr(module, "DEVICES", ("cpu", "cuda"))}
 
 __all__ = ["CSRC", "FLOAT_DTYPES", "IMPLS_CPU", "IMPLS_CUDA", "NATIVE_OPS", "OP_MODULES", "available",
            "available_cpu", "available_cuda", "load", "status", "_state"]
