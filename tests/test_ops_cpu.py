@@ -267,10 +267,37 @@ def check_swiglu(device, dtype, shape, transposed=False):
     assert_error_rule(kg, pg, fg, f"swiglu bwd {dtype}", ulp_floor(dtype, fg))
 
 
-@pytest.mark.parametrize("shape", [(5, 97, 1024), (3, 916, 128), (7, 3, 22)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(5, 97, 1024), (3, 916, 128), (7, 3, 22), (4, 9, 600)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_swiglu(dtype, shape):
     check_swiglu("cpu", dtype, shape)
+
+
+def test_swiglu_bfloat16_rounds_once_and_keeps_special_values():
+    """bfloat16 runs float blocks (widen, the float32 loop, narrow with round-to-nearest-even): each
+    output is the float32 formula rounded once, within one bfloat16 step, and NaN / inf go through
+    as the formula says (the narrowing is written on the bits, so these are worth pinning)."""
+    g = torch.Generator().manual_seed(5)
+    gu = (torch.randn(6, 2 * 300, generator=g) * 4).to(torch.bfloat16)   # 300: a block of 256 and a tail
+    gu[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -100.0])
+    gu[0, 300:304] = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    out = torch.ops.trm.swiglu_fwd(gu)
+    want = reference.swiglu(gu.float())
+    assert torch.isnan(out[0, 0]) and out[0, 1] == float("inf")      # silu(inf) * 2 = inf
+    assert torch.isnan(out[0, 2]) and torch.isnan(want[0, 2])        # silu(-inf) = -inf * 0: nan, as the formula
+    assert abs(out[0, 3].item()) < 1e-30                              # silu(-100) * 3: 0 to float precision
+    finite = torch.isfinite(want)
+    step = 0.51 * torch.finfo(torch.bfloat16).eps * want.abs() + 1e-30   # half a step (+ a floor: exp clamps at -87)
+    assert ((out.float() - want).abs()[finite] <= step[finite]).all(), "bfloat16 swiglu is not one rounding of the float32 formula"
+    dout = torch.randn(6, 300, generator=g).to(torch.bfloat16)
+    grad = torch.ops.trm.swiglu_bwd(dout, gu)
+    leaf = gu.float().requires_grad_(True)
+    reference.swiglu(leaf).backward(dout.float())
+    fin = torch.isfinite(leaf.grad)
+    fin[0, :4] = False
+    tol = torch.finfo(torch.bfloat16).eps * leaf.grad.abs() + 1e-30
+    assert ((grad.float() - leaf.grad).abs()[fin] <= 2 * tol[fin]).all(), "bfloat16 swiglu backward drifts from float32"
+    assert torch.isnan(grad[0, 0]) and torch.isnan(grad[0, 300])
 
 
 def test_swiglu_non_contiguous_and_routing():
