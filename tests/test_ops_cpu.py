@@ -275,7 +275,7 @@ def test_swiglu(dtype, shape):
 
 def test_swiglu_bfloat16_rounds_once_and_keeps_special_values():
     """bfloat16 runs float blocks (widen, the float32 loop, narrow with round-to-nearest-even): each
-    output is the float32 formula rounded once, within one bfloat16 step, and NaN / inf go through
+    output is the float32 formula rounded once (within half a bfloat16 step), and NaN / inf go through
     as the formula says (the narrowing is written on the bits, so these are worth pinning)."""
     g = torch.Generator().manual_seed(5)
     gu = (torch.randn(6, 2 * 300, generator=g) * 4).to(torch.bfloat16)   # 300: a block of 256 and a tail

@@ -15,8 +15,8 @@
 // loader picks the best the CPU has (target_clones, GNU/Linux only; elsewhere the baseline build), so one
 // binary runs on every x86-64 CPU; GCC 12
 // vectorises the AVX-512 build (check: g++ -O3 -fopt-info-vec), the others run scalar.
-// bfloat16 runs the same math vectorised, over float blocks of 256: a row's bits widen to float by
-// a 16-bit shift, the float loop runs, and the result narrows back rounding to nearest even (NaN
+// bfloat16 runs the float32 loops themselves, over float blocks of 256: a row's bits widen to float
+// by a 16-bit shift, the float loop runs, and the result narrows back rounding to nearest even (NaN
 // kept a quiet NaN), as c10::BFloat16 does, branch-free (4x faster than the scalar loop it replaces).
 // float16 uses the scalar loop (std::exp).
 //
@@ -129,46 +129,32 @@ void narrow_bf16(const float* __restrict in, uint16_t* __restrict out, int64_t n
   for (int64_t j = 0; j < n; ++j) out[j] = float_to_bf16(in[j]);
 }
 
-TRM_VECTOR_CLONES
-void swiglu_fwd_block(const float* __restrict g, const float* __restrict u, float* __restrict o, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) o[j] = g[j] / (1.0f + exp_vectorisable(-g[j])) * u[j];
-}
-
-TRM_VECTOR_CLONES
-void swiglu_bwd_block(const float* __restrict g, const float* __restrict u, const float* __restrict d,
-                      float* __restrict dg, float* __restrict du, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float sig = 1.0f / (1.0f + exp_vectorisable(-g[j]));
-    const float dsilu = d[j] * sig;
-    dg[j] = dsilu * u[j] * (1.0f + g[j] * (1.0f - sig));
-    du[j] = dsilu * g[j];
-  }
-}
-
+// A block of n gate and n up values, widened into one float buffer [gate | up], is a one-row input
+// of width n of the float32 loops above, so bfloat16 runs exactly their math.
 void swiglu_fwd_rows_bf16(const uint16_t* in, uint16_t* out, int64_t rows, int64_t H) {
-  float g[kBlock], u[kBlock], o[kBlock];
+  float gu[2 * kBlock], o[kBlock];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < H; j += kBlock) {
       const int64_t n = std::min(kBlock, H - j);
-      widen_bf16(in + r * 2 * H + j, g, n);
-      widen_bf16(in + r * 2 * H + H + j, u, n);
-      swiglu_fwd_block(g, u, o, n);
+      widen_bf16(in + r * 2 * H + j, gu, n);
+      widen_bf16(in + r * 2 * H + H + j, gu + n, n);
+      swiglu_fwd_rows_f32(gu, o, 1, n);
       narrow_bf16(o, out + r * H + j, n);
     }
   }
 }
 
 void swiglu_bwd_rows_bf16(const uint16_t* in, const uint16_t* dout, uint16_t* grad, int64_t rows, int64_t H) {
-  float g[kBlock], u[kBlock], d[kBlock], dg[kBlock], du[kBlock];
+  float gu[2 * kBlock], d[kBlock], g[2 * kBlock];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t j = 0; j < H; j += kBlock) {
       const int64_t n = std::min(kBlock, H - j);
-      widen_bf16(in + r * 2 * H + j, g, n);
-      widen_bf16(in + r * 2 * H + H + j, u, n);
+      widen_bf16(in + r * 2 * H + j, gu, n);
+      widen_bf16(in + r * 2 * H + H + j, gu + n, n);
       widen_bf16(dout + r * H + j, d, n);
-      swiglu_bwd_block(g, u, d, dg, du, n);
-      narrow_bf16(dg, grad + r * 2 * H + j, n);
-      narrow_bf16(du, grad + r * 2 * H + H + j, n);
+      swiglu_bwd_rows_f32(gu, d, g, 1, n);
+      narrow_bf16(g, grad + r * 2 * H + j, n);
+      narrow_bf16(g + n, grad + r * 2 * H + H + j, n);
     }
   }
 }
@@ -213,7 +199,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate_up) {
     });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "trm_swiglu_fwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, gu.scalar_type(), "trm_swiglu_fwd_cpu", [&] {
     const scalar_t* in = gu.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -262,7 +248,7 @@ at::Tensor swiglu_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& gate_up)
     });
     return grad;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gu.scalar_type(), "trm_swiglu_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kHalf, gu.scalar_type(), "trm_swiglu_bwd_cpu", [&] {
     const scalar_t* in = gu.const_data_ptr<scalar_t>();
     const scalar_t* d = dout.const_data_ptr<scalar_t>();
     scalar_t* gr = grad.mutable_data_ptr<scalar_t>();
